@@ -1,0 +1,813 @@
+//! Applying layer tar streams onto a root, per the OCI image spec.
+//!
+//! The tar crate parses; this module writes. The crate runs in raw mode so
+//! that the extension headers (PAX records, GNU long names) are read here,
+//! with a size cap, instead of being buffered whole by the parser: a hostile
+//! layer could otherwise declare a multi-gigabyte "long name".
+//!
+//! Whiteouts follow the spec's layer semantics in one streaming pass: the
+//! paths written by the current layer are tracked, a whiteout removes only
+//! what lower layers left (a file and its whiteout in the same layer keep the
+//! file, in either order), and an opaque whiteout empties a directory of
+//! lower content while keeping what this layer put there.
+//!
+//! Directory modes and times are applied once, at the end of the last layer
+//! and deepest first: writing into a directory changes its mtime, and a Nix
+//! store path is 0555, which an unprivileged run could not write into.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
+use tar::EntryType;
+
+use crate::error::{Error, Result};
+use crate::fsroot::{self, FsRoot, Node};
+
+/// The largest PAX record set or GNU long name accepted (1 MiB).
+pub const MAX_EXTENSION_BYTES: u64 = 1 << 20;
+
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+
+/// How layers are applied.
+#[derive(Clone, Copy, Debug)]
+pub struct ApplyOptions {
+    /// Running as root: keep numeric owners and setuid/setgid bits.
+    pub as_root: bool,
+    /// Create device nodes and FIFOs (root with `--rootfs` only).
+    pub special_files: bool,
+}
+
+impl ApplyOptions {
+    /// Options for the current process: root keeps owners, the rest take the
+    /// invoking user's; device nodes only when asked for and possible.
+    pub fn for_current_user(rootfs: bool) -> ApplyOptions {
+        let as_root = rustix::process::geteuid().is_root();
+        ApplyOptions {
+            as_root,
+            special_files: as_root && rootfs,
+        }
+    }
+}
+
+/// What applying layers did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ApplyStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub hardlinks: u64,
+    pub whiteouts: u64,
+    pub skipped_special: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Meta {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: Option<Timespec>,
+}
+
+/// Header fields from PAX records and GNU long-name entries that apply to the
+/// next real entry.
+#[derive(Default)]
+struct Extensions {
+    path: Option<Vec<u8>>,
+    link: Option<Vec<u8>>,
+    uid: Option<u64>,
+    gid: Option<u64>,
+    mtime: Option<Timespec>,
+    size: Option<u64>,
+    sparse: bool,
+}
+
+/// Applies layers, in order, onto one root.
+pub struct Applier {
+    root: FsRoot,
+    opts: ApplyOptions,
+    /// Directory metadata to set at the end, keyed by path in the root.
+    dirs: BTreeMap<PathBuf, Meta>,
+    /// The parent directory of the last entry, which the next usually shares.
+    parent_cache: Option<(PathBuf, OwnedFd)>,
+    cancel: Option<Arc<AtomicBool>>,
+    buf: Vec<u8>,
+    stats: ApplyStats,
+    warnings: Vec<String>,
+}
+
+/// Per-layer bookkeeping for whiteouts.
+#[derive(Default)]
+struct Written {
+    paths: HashSet<PathBuf>,
+    ancestors: HashSet<PathBuf>,
+}
+
+impl Written {
+    fn mark(&mut self, rel: &Path) {
+        self.paths.insert(rel.to_path_buf());
+        let mut cur = rel.parent();
+        while let Some(p) = cur {
+            if !self.ancestors.insert(p.to_path_buf()) {
+                break;
+            }
+            cur = p.parent();
+        }
+    }
+
+    /// Did this layer write `rel` or anything below it?
+    fn touched(&self, rel: &Path) -> bool {
+        self.paths.contains(rel) || self.ancestors.contains(rel)
+    }
+}
+
+impl Applier {
+    /// Apply onto the directory at `root` (which must exist).
+    pub fn new(root: &Path, opts: ApplyOptions) -> Result<Applier> {
+        let root =
+            FsRoot::open(root).map_err(|e| Error::io(root, "cannot open the unpack root", e))?;
+        Ok(Applier {
+            root,
+            opts,
+            dirs: BTreeMap::new(),
+            parent_cache: None,
+            cancel: None,
+            buf: vec![0; 256 << 10],
+            stats: ApplyStats::default(),
+            warnings: Vec::new(),
+        })
+    }
+
+    /// Stop between entries once `flag` is set.
+    pub fn set_cancel(&mut self, flag: Arc<AtomicBool>) {
+        self.cancel = Some(flag);
+    }
+
+    /// Totals over all layers so far.
+    pub fn stats(&self) -> &ApplyStats {
+        &self.stats
+    }
+
+    /// Warnings gathered so far (skipped device nodes, ...), emptied.
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
+    }
+
+    /// Apply one uncompressed layer tar stream. `layer` names it in errors.
+    ///
+    /// The stream is read to its end, past the tar end marker, so that a
+    /// caller hashing it sees every byte.
+    pub fn apply_layer<R: Read>(&mut self, layer: &str, reader: R) -> Result<()> {
+        let mut archive = tar::Archive::new(reader);
+        let mut written = Written::default();
+        let skipped_before = self.stats.skipped_special;
+        self.parent_cache = None;
+        {
+            let entries = archive
+                .entries()
+                .map_err(|e| tar_error(layer, e))?
+                .raw(true);
+            let mut ext = Extensions::default();
+            for entry in entries {
+                if self
+                    .cancel
+                    .as_ref()
+                    .is_some_and(|c| c.load(Ordering::Relaxed))
+                {
+                    return Err(Error::Interrupted);
+                }
+                let mut entry = entry.map_err(|e| tar_error(layer, e))?;
+                let kind = entry.header().entry_type();
+                match kind {
+                    EntryType::XHeader => {
+                        let data = read_extension(layer, &mut entry)?;
+                        ext.add_pax(layer, &data)?;
+                        continue;
+                    }
+                    EntryType::XGlobalHeader => {
+                        read_extension(layer, &mut entry)?;
+                        continue;
+                    }
+                    EntryType::GNULongName => {
+                        ext.path = Some(trim_nul(read_extension(layer, &mut entry)?));
+                        continue;
+                    }
+                    EntryType::GNULongLink => {
+                        ext.link = Some(trim_nul(read_extension(layer, &mut entry)?));
+                        continue;
+                    }
+                    _ => {}
+                }
+                let ext = std::mem::take(&mut ext);
+                let name = match &ext.path {
+                    Some(p) => p.clone(),
+                    None => entry.header().path_bytes().into_owned(),
+                };
+                self.apply_entry(layer, &mut written, &name, ext, &mut entry)?;
+            }
+        }
+        let mut rest = archive.into_inner();
+        io::copy(&mut rest, &mut io::sink()).map_err(|e| tar_error(layer, e))?;
+        let skipped = self.stats.skipped_special - skipped_before;
+        if skipped > 0 {
+            self.warnings.push(format!(
+                "layer {layer}: skipped {skipped} device node(s) or FIFO(s); only root with --rootfs creates them"
+            ));
+        }
+        Ok(())
+    }
+
+    fn apply_entry<R: Read>(
+        &mut self,
+        layer: &str,
+        written: &mut Written,
+        name: &[u8],
+        ext: Extensions,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<()> {
+        let shown = String::from_utf8_lossy(name).into_owned();
+        let refuse = |reason: &str| Error::Entry {
+            layer: layer.to_string(),
+            entry: shown.clone(),
+            reason: reason.to_string(),
+        };
+        let header = entry.header().clone();
+        let kind = header.entry_type();
+        if name.contains(&0) {
+            return Err(refuse("the name holds a NUL byte"));
+        }
+        if ext.sparse || kind == EntryType::GNUSparse {
+            return Err(refuse("sparse files are not supported in image layers"));
+        }
+        if let Some(size) = ext.size
+            && size != entry.size()
+        {
+            return Err(refuse(
+                "a PAX size record that differs from the header is not supported",
+            ));
+        }
+        let rel = fsroot::normalize(name);
+        let io_err = |action: &'static str| {
+            let shown = shown.clone();
+            move |source: io::Error| Error::EntryIo {
+                layer: layer.to_string(),
+                entry: shown,
+                action,
+                source,
+            }
+        };
+
+        if let Some(base) = rel.file_name().map(OsStr::as_bytes)
+            && base.starts_with(WHITEOUT_PREFIX)
+        {
+            let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+            if base == OPAQUE_MARKER {
+                self.stats.whiteouts += 1;
+                return self
+                    .opaque(written, &parent)
+                    .map_err(io_err("cannot apply opaque whiteout"));
+            }
+            if base.starts_with(b".wh..wh.") {
+                return Ok(()); // aufs bookkeeping (.wh..wh.plnk and the like): not content
+            }
+            let target = &base[WHITEOUT_PREFIX.len()..];
+            if target.is_empty() || target == b"." || target == b".." {
+                return Err(refuse("malformed whiteout: it names no file"));
+            }
+            self.stats.whiteouts += 1;
+            return self
+                .whiteout(written, &parent, OsStr::from_bytes(target))
+                .map_err(io_err("cannot apply whiteout"));
+        }
+
+        let meta = self.meta(&header, &ext).map_err(|reason| refuse(&reason))?;
+        let Some(base) = rel.file_name().map(OsStr::to_os_string) else {
+            if kind == EntryType::Directory {
+                self.dirs.insert(PathBuf::new(), meta);
+                return Ok(());
+            }
+            return Err(refuse("the entry would replace the root directory"));
+        };
+        let parent_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+
+        match kind {
+            EntryType::Directory => {
+                let parent = self
+                    .parent(&parent_rel)
+                    .map_err(io_err("cannot create parent directory"))?;
+                match fsroot::stat_at(&parent, &base).map_err(io_err("cannot inspect"))? {
+                    Node::Dir => {}
+                    found => {
+                        if found == Node::Other {
+                            self.remove(&parent, &base, &rel)
+                                .map_err(io_err("cannot replace"))?;
+                        }
+                        rustix::fs::mkdirat(&parent, &base, Mode::from_raw_mode(0o700))
+                            .map_err(|e| io_err("cannot create directory")(e.into()))?;
+                        self.stats.dirs += 1;
+                    }
+                }
+                self.dirs.insert(rel.clone(), meta);
+            }
+            EntryType::Regular | EntryType::Continuous => {
+                let parent = self
+                    .clear_slot(&parent_rel, &base, &rel)
+                    .map_err(io_err("cannot make room"))?;
+                let fd = rustix::fs::openat(
+                    &parent,
+                    &base,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| io_err("cannot create file")(e.into()))?;
+                let mut file = File::from(fd);
+                let mut copied = 0u64;
+                loop {
+                    let n = entry.read(&mut self.buf).map_err(|e| tar_error(layer, e))?;
+                    if n == 0 {
+                        break;
+                    }
+                    file.write_all(&self.buf[..n])
+                        .map_err(io_err("cannot write"))?;
+                    copied += n as u64;
+                }
+                self.set_fd_meta(&file, &meta)
+                    .map_err(io_err("cannot set owner, mode or mtime"))?;
+                self.stats.files += 1;
+                self.stats.bytes += copied;
+            }
+            EntryType::Symlink => {
+                let target = ext
+                    .link
+                    .or_else(|| header.link_name_bytes().map(|l| l.into_owned()))
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| refuse("a symlink with no target"))?;
+                if target.contains(&0) {
+                    return Err(refuse("the symlink target holds a NUL byte"));
+                }
+                let parent = self
+                    .clear_slot(&parent_rel, &base, &rel)
+                    .map_err(io_err("cannot make room"))?;
+                rustix::fs::symlinkat(OsStr::from_bytes(&target), &parent, &base)
+                    .map_err(|e| io_err("cannot create symlink")(e.into()))?;
+                if self.opts.as_root {
+                    rustix::fs::chownat(
+                        &parent,
+                        &base,
+                        Some(rustix::fs::Uid::from_raw(meta.uid)),
+                        Some(rustix::fs::Gid::from_raw(meta.gid)),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(|e| io_err("cannot set symlink owner")(e.into()))?;
+                }
+                if let Some(t) = meta.mtime {
+                    rustix::fs::utimensat(&parent, &base, &times(t), AtFlags::SYMLINK_NOFOLLOW)
+                        .map_err(|e| io_err("cannot set symlink mtime")(e.into()))?;
+                }
+                self.stats.symlinks += 1;
+            }
+            EntryType::Link => {
+                let target = ext
+                    .link
+                    .or_else(|| header.link_name_bytes().map(|l| l.into_owned()))
+                    .ok_or_else(|| refuse("a hard link with no target"))?;
+                self.hardlink(&rel, &parent_rel, &base, &target)
+                    .map_err(|reason| refuse(&reason))?;
+            }
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                let parent = self
+                    .clear_slot(&parent_rel, &base, &rel)
+                    .map_err(io_err("cannot make room"))?;
+                if !self.opts.special_files {
+                    self.stats.skipped_special += 1;
+                } else {
+                    let file_type = match kind {
+                        EntryType::Char => FileType::CharacterDevice,
+                        EntryType::Block => FileType::BlockDevice,
+                        _ => FileType::Fifo,
+                    };
+                    let major = header.device_major().ok().flatten().unwrap_or(0);
+                    let minor = header.device_minor().ok().flatten().unwrap_or(0);
+                    let dev = rustix::fs::makedev(major, minor);
+                    rustix::fs::mknodat(&parent, &base, file_type, Mode::from_raw_mode(0o600), dev)
+                        .map_err(|e| io_err("cannot create device node or FIFO")(e.into()))?;
+                    rustix::fs::chownat(
+                        &parent,
+                        &base,
+                        Some(rustix::fs::Uid::from_raw(meta.uid)),
+                        Some(rustix::fs::Gid::from_raw(meta.gid)),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(|e| io_err("cannot set owner")(e.into()))?;
+                    // We created this node a moment ago in a private root: no link can be here.
+                    rustix::fs::chmodat(
+                        &parent,
+                        &base,
+                        Mode::from_raw_mode(meta.mode),
+                        AtFlags::empty(),
+                    )
+                    .map_err(|e| io_err("cannot set mode")(e.into()))?;
+                    if let Some(t) = meta.mtime {
+                        rustix::fs::utimensat(&parent, &base, &times(t), AtFlags::SYMLINK_NOFOLLOW)
+                            .map_err(|e| io_err("cannot set mtime")(e.into()))?;
+                    }
+                }
+            }
+            other => {
+                return Err(refuse(&format!(
+                    "unsupported tar entry type {:?}",
+                    other.as_byte() as char
+                )));
+            }
+        }
+        written.mark(&rel);
+        Ok(())
+    }
+
+    /// Owner, mode and mtime for an entry, from its header and extensions.
+    fn meta(&self, header: &tar::Header, ext: &Extensions) -> std::result::Result<Meta, String> {
+        let id = |pax: Option<u64>,
+                  raw: io::Result<u64>,
+                  what: &str|
+         -> std::result::Result<u32, String> {
+            let v = match pax {
+                Some(v) => v,
+                None => raw.map_err(|e| format!("unreadable {what}: {e}"))?,
+            };
+            if v >= u64::from(u32::MAX) {
+                return Err(format!("{what} {v} is out of range"));
+            }
+            Ok(v as u32)
+        };
+        let uid = id(ext.uid, header.uid(), "uid")?;
+        let gid = id(ext.gid, header.gid(), "gid")?;
+        let mut mode = header.mode().map_err(|e| format!("unreadable mode: {e}"))? & 0o7777;
+        if !self.opts.as_root {
+            mode &= !0o6000;
+        }
+        let mtime = match ext.mtime {
+            Some(t) => Some(t),
+            None => header.mtime().ok().map(|s| Timespec {
+                tv_sec: s.min(i64::MAX as u64) as i64,
+                tv_nsec: 0,
+            }),
+        };
+        Ok(Meta {
+            mode,
+            uid,
+            gid,
+            mtime,
+        })
+    }
+
+    fn set_fd_meta(&self, fd: &impl AsFd, meta: &Meta) -> io::Result<()> {
+        if self.opts.as_root {
+            rustix::fs::fchown(
+                fd,
+                Some(rustix::fs::Uid::from_raw(meta.uid)),
+                Some(rustix::fs::Gid::from_raw(meta.gid)),
+            )?;
+        }
+        // After chown, which clears setuid/setgid.
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))?;
+        if let Some(t) = meta.mtime {
+            rustix::fs::futimens(fd, &times(t))?;
+        }
+        Ok(())
+    }
+
+    /// The parent directory `rel`, created if missing, from the one-entry cache when possible.
+    fn parent(&mut self, rel: &Path) -> io::Result<OwnedFd> {
+        if let Some((cached, fd)) = &self.parent_cache
+            && cached == rel
+        {
+            return fd.try_clone();
+        }
+        let Applier { root, dirs, .. } = self;
+        // Parents the layer never named get what containerd gives them: 0755, root-owned.
+        let implicit = Meta {
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: None,
+        };
+        let fd = root.mkdir_all(rel, &mut |made| {
+            dirs.insert(made.to_path_buf(), implicit);
+        })?;
+        self.parent_cache = Some((rel.to_path_buf(), fd.try_clone()?));
+        Ok(fd)
+    }
+
+    /// Make sure nothing is at `parent_rel/base`, returning the parent.
+    fn clear_slot(&mut self, parent_rel: &Path, base: &OsStr, rel: &Path) -> io::Result<OwnedFd> {
+        let parent = self.parent(parent_rel)?;
+        if fsroot::stat_at(&parent, base)? != Node::Missing {
+            self.remove(&parent, base, rel)?;
+        }
+        Ok(parent)
+    }
+
+    /// Remove `base` in `parent` (whole tree), forgetting what we knew of it.
+    fn remove(&mut self, parent: &OwnedFd, base: &OsStr, rel: &Path) -> io::Result<()> {
+        fsroot::remove_all_at(parent, base)?;
+        self.forget(rel);
+        Ok(())
+    }
+
+    fn forget(&mut self, rel: &Path) {
+        self.parent_cache = None;
+        let doomed: Vec<PathBuf> = self
+            .dirs
+            .range(rel.to_path_buf()..)
+            .take_while(|(k, _)| k.starts_with(rel))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in doomed {
+            self.dirs.remove(&k);
+        }
+    }
+
+    fn hardlink(
+        &mut self,
+        rel: &Path,
+        parent_rel: &Path,
+        base: &OsStr,
+        target: &[u8],
+    ) -> std::result::Result<(), String> {
+        let target_rel = fsroot::normalize(target);
+        let shown = String::from_utf8_lossy(target);
+        let Some(target_base) = target_rel.file_name().map(OsStr::to_os_string) else {
+            return Err("a hard link to the root directory".to_string());
+        };
+        let exists = |r: &FsRoot, p: &Path, b: &OsStr| -> io::Result<Node> {
+            let dir = r.open_dir(p)?;
+            fsroot::stat_at(&dir, b)
+        };
+        if target_rel == rel {
+            return match exists(&self.root, parent_rel, base) {
+                Ok(Node::Other) => Ok(()),
+                _ => Err("a hard link to itself".to_string()),
+            };
+        }
+        let parent = self
+            .parent(parent_rel)
+            .map_err(|e| format!("cannot create parent directory: {e}"))?;
+        let target_parent_rel = target_rel.parent().unwrap_or(Path::new(""));
+        let target_parent = self
+            .root
+            .open_dir(target_parent_rel)
+            .map_err(|e| format!("hard link target {shown:?} cannot be reached: {e}"))?;
+        match fsroot::stat_at(&target_parent, &target_base) {
+            Ok(Node::Other) => {}
+            Ok(Node::Missing) => {
+                return Err(format!(
+                    "hard link target {shown:?} does not exist in this or a lower layer"
+                ));
+            }
+            Ok(Node::Dir) => return Err(format!("hard link target {shown:?} is a directory")),
+            Err(e) => return Err(format!("hard link target {shown:?}: {e}")),
+        }
+        if fsroot::stat_at(&parent, base).map_err(|e| e.to_string())? != Node::Missing {
+            self.remove(&parent, base, rel)
+                .map_err(|e| format!("cannot replace: {e}"))?;
+        }
+        rustix::fs::linkat(
+            &target_parent,
+            &target_base,
+            &parent,
+            base,
+            AtFlags::empty(),
+        )
+        .map_err(|e| format!("cannot link to {shown:?}: {e}"))?;
+        self.stats.hardlinks += 1;
+        Ok(())
+    }
+
+    /// `.wh.NAME` in `parent_rel`: remove what lower layers put at NAME.
+    fn whiteout(&mut self, written: &Written, parent_rel: &Path, name: &OsStr) -> io::Result<()> {
+        let target_rel = parent_rel.join(name);
+        let parent = match self.root.open_dir(parent_rel) {
+            Ok(fd) => fd,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        match fsroot::stat_at(&parent, name)? {
+            Node::Missing => Ok(()),
+            Node::Dir if written.touched(&target_rel) => {
+                let dir = fsroot::open_child_dir(&parent, name)?;
+                self.prune(written, &dir, &target_rel)
+            }
+            Node::Other if written.paths.contains(&target_rel) => Ok(()),
+            _ => self.remove(&parent, name, &target_rel),
+        }
+    }
+
+    /// `DIR/.wh..wh..opq`: DIR keeps only what this layer put in it.
+    fn opaque(&mut self, written: &Written, dir_rel: &Path) -> io::Result<()> {
+        let path_fd = self.parent(dir_rel)?;
+        let dir = rustix::fs::openat(
+            &path_fd,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        self.prune(written, &dir, dir_rel)
+    }
+
+    /// Remove everything below `dir` that the current layer did not write.
+    fn prune(&mut self, written: &Written, dir: &OwnedFd, dir_rel: &Path) -> io::Result<()> {
+        fsroot::make_writable(dir)?;
+        for name in fsroot::list_dir(dir)? {
+            let child_rel = dir_rel.join(&name);
+            if written.touched(&child_rel) {
+                if fsroot::stat_at(dir, name.as_os_str())? == Node::Dir {
+                    let child = fsroot::open_child_dir(dir, name.as_os_str())?;
+                    self.prune(written, &child, &child_rel)?;
+                }
+            } else {
+                self.remove(dir, name.as_os_str(), &child_rel)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Set the deferred directory owners, modes and times, deepest first.
+    /// Call once, after the last layer.
+    pub fn finish(&mut self) -> Result<()> {
+        self.parent_cache = None;
+        let dirs = std::mem::take(&mut self.dirs);
+        for (rel, meta) in dirs.iter().rev() {
+            let fd = if rel.as_os_str().is_empty() {
+                rustix::fs::openat(
+                    self.root.fd(),
+                    ".",
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(io::Error::from)
+            } else {
+                let base = rel.file_name().unwrap_or_default();
+                self.root
+                    .open_dir(rel.parent().unwrap_or(Path::new("")))
+                    .and_then(|parent| fsroot::open_child_dir(&parent, base))
+            };
+            let fd = match fd {
+                Ok(fd) => fd,
+                // Replaced by a symlink or removed through another name since: nothing to fix.
+                Err(e) if e.raw_os_error().is_some_and(is_gone) => continue,
+                Err(e) => {
+                    return Err(Error::io(
+                        self.root.path().join(rel),
+                        "cannot open directory to set its mode",
+                        e,
+                    ));
+                }
+            };
+            self.set_fd_meta(&fd, meta).map_err(|e| {
+                Error::io(
+                    self.root.path().join(rel),
+                    "cannot set directory owner, mode or mtime",
+                    e,
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn is_gone(errno: i32) -> bool {
+    use rustix::io::Errno;
+    [Errno::NOENT, Errno::NOTDIR, Errno::LOOP]
+        .iter()
+        .any(|e| e.raw_os_error() == errno)
+}
+
+fn times(t: Timespec) -> Timestamps {
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+fn tar_error(layer: &str, e: io::Error) -> Error {
+    Error::Layer {
+        layer: layer.to_string(),
+        reason: "the layer is not a valid tar stream".to_string(),
+        source: Some(e),
+    }
+}
+
+fn read_extension<R: Read>(layer: &str, entry: &mut tar::Entry<'_, R>) -> Result<Vec<u8>> {
+    let size = entry.size();
+    if size > MAX_EXTENSION_BYTES {
+        return Err(Error::Entry {
+            layer: layer.to_string(),
+            entry: String::from_utf8_lossy(&entry.header().path_bytes()).into_owned(),
+            reason: format!(
+                "an extended header of {size} bytes exceeds the {MAX_EXTENSION_BYTES}-byte limit"
+            ),
+        });
+    }
+    let mut data = Vec::with_capacity(size as usize);
+    entry
+        .read_to_end(&mut data)
+        .map_err(|e| tar_error(layer, e))?;
+    Ok(data)
+}
+
+fn trim_nul(mut bytes: Vec<u8>) -> Vec<u8> {
+    while bytes.last() == Some(&0) {
+        bytes.pop();
+    }
+    bytes
+}
+
+impl Extensions {
+    fn add_pax(&mut self, layer: &str, data: &[u8]) -> Result<()> {
+        let bad = |what: &str| Error::Layer {
+            layer: layer.to_string(),
+            reason: format!("malformed PAX header: {what}"),
+            source: None,
+        };
+        for record in tar::PaxExtensions::new(data) {
+            let record = record.map_err(|_| bad("unparseable record"))?;
+            let key = record.key().map_err(|_| bad("non-UTF-8 key"))?;
+            let value = record.value_bytes();
+            let number = || -> Result<u64> {
+                std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .ok_or_else(|| bad(key))
+            };
+            match key {
+                "path" => self.path = Some(value.to_vec()),
+                "linkpath" => self.link = Some(value.to_vec()),
+                "uid" => self.uid = Some(number()?),
+                "gid" => self.gid = Some(number()?),
+                "size" => self.size = Some(number()?),
+                "mtime" => self.mtime = Some(parse_pax_time(value).ok_or_else(|| bad("mtime"))?),
+                k if k.starts_with("GNU.sparse.") => self.sparse = true,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A PAX time: decimal seconds with an optional fraction, possibly negative.
+fn parse_pax_time(value: &[u8]) -> Option<Timespec> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    let (neg, text) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (secs, frac) = text.split_once('.').unwrap_or((text, ""));
+    let secs: i64 = secs.parse().ok()?;
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
+    let nanos: i64 = digits.parse().ok()?;
+    let (tv_sec, tv_nsec) = match (neg, nanos) {
+        (false, n) => (secs, n),
+        (true, 0) => (-secs, 0),
+        (true, n) => (-secs - 1, 1_000_000_000 - n),
+    };
+    Some(Timespec { tv_sec, tv_nsec })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_times_keep_fractions_and_sign() {
+        let t = parse_pax_time(b"1.5").unwrap();
+        assert_eq!((t.tv_sec, t.tv_nsec), (1, 500_000_000));
+        let t = parse_pax_time(b"1700000000").unwrap();
+        assert_eq!((t.tv_sec, t.tv_nsec), (1_700_000_000, 0));
+        let t = parse_pax_time(b"-1.25").unwrap();
+        assert_eq!((t.tv_sec, t.tv_nsec), (-2, 750_000_000));
+        assert!(parse_pax_time(b"1.x").is_none());
+    }
+}

@@ -1,0 +1,164 @@
+//! Command-line options, and their conversion into the core's plain option
+//! structs. The core never sees clap: options are parsed here in two stages,
+//! raw arguments first, then validated objects (platforms, mirrors), so that
+//! a bad value is an exit-2 usage error before any work starts.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::blobstore::BlobStore;
+use crate::error::{Error, Result};
+use crate::fetch::FetchOptions;
+use crate::output::Existing;
+use crate::registry::{Mirror, RegistryOptions};
+
+const EXIT_CODES: &str = "\
+Exit status:
+  0    success (including \"DIR already holds this image\")
+  1    failure: network, registry, verification, or file system; DIR is left as it was
+  2    bad usage or input: an invalid reference, platform, mirror or option
+  130  interrupted (Ctrl-C or SIGTERM); DIR is left as it was";
+
+/// Seed a shared Nix store for GitLab docker runners straight from a registry.
+#[derive(Debug, Parser)]
+#[command(name = "hydrafy", version, about, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Pull a pinned image from its registry, verify it, and unpack its Nix
+    /// store and database into DIR (default ./nix-backup).
+    #[command(after_help = EXIT_CODES)]
+    Fetch(FetchArgs),
+}
+
+/// `hydrafy fetch`.
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// The image: [REGISTRY/]REPO[:TAG][@sha256:HEX], e.g. nixos/nix@sha256:<digest>.
+    pub image: String,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Do not use or fill the blob cache ($XDG_CACHE_HOME/hydrafy).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// How many blobs to download at once.
+    #[arg(long, short = 'j', default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
+/// Where and how the image is unpacked.
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// The output directory. It receives nix/store and nix/var/nix/db.
+    #[arg(long, short = 'o', value_name = "DIR", default_value = "nix-backup")]
+    pub output: PathBuf,
+    /// The platform to pick from a multi-platform image: OS/ARCH[/VARIANT]
+    /// (default: this machine's).
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    pub platform: Option<String>,
+    /// Unpack the whole image filesystem into DIR, not just the Nix store and database.
+    #[arg(long)]
+    pub rootfs: bool,
+    /// If DIR holds another image, replace it (an atomic swap).
+    #[arg(long, conflicts_with = "merge")]
+    pub replace: bool,
+    /// If DIR holds another image, add this image's store paths to it.
+    #[arg(long)]
+    pub merge: bool,
+}
+
+/// How to reach the registry.
+#[derive(Debug, Args)]
+pub struct RegistryArgs {
+    /// Talk plain HTTP (no TLS) to the image's registry.
+    #[arg(long)]
+    pub plain_http: bool,
+    /// Trust this CA certificate (PEM) in addition to the system's; repeatable.
+    #[arg(long, value_name = "PEM")]
+    pub ca_cert: Vec<PathBuf>,
+    /// Pull through a mirror first: URL mirrors docker.io, HOST=URL mirrors
+    /// HOST. Repeatable; mirrors are tried in order, then the origin.
+    #[arg(long, value_name = "[HOST=]URL")]
+    pub mirror: Vec<String>,
+}
+
+/// What is printed.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Print only warnings and errors.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    /// Print one JSON summary object on stdout when done.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl OutputArgs {
+    /// `--replace` / `--merge` as one value.
+    pub fn existing(&self) -> Existing {
+        match (self.replace, self.merge) {
+            (true, _) => Existing::Replace,
+            (_, true) => Existing::Merge,
+            _ => Existing::Refuse,
+        }
+    }
+}
+
+impl RegistryArgs {
+    /// Validated registry options.
+    pub fn options(&self) -> Result<RegistryOptions> {
+        let mirrors = self
+            .mirror
+            .iter()
+            .map(|m| m.parse::<Mirror>())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(RegistryOptions {
+            plain_http: self.plain_http,
+            ca_certs: self.ca_cert.clone(),
+            mirrors,
+            ..RegistryOptions::default()
+        })
+    }
+}
+
+impl FetchArgs {
+    /// Validated fetch options.
+    pub fn options(&self) -> Result<FetchOptions> {
+        let cache = if self.no_cache {
+            None
+        } else {
+            Some(BlobStore::default_cache_dir().ok_or_else(|| {
+                Error::invalid(
+                    "environment",
+                    "HOME",
+                    "neither XDG_CACHE_HOME nor HOME is set; pass --no-cache",
+                )
+            })?)
+        };
+        Ok(FetchOptions {
+            image: self.image.clone(),
+            output: self.output.output.clone(),
+            platform: self
+                .output
+                .platform
+                .as_deref()
+                .map(str::parse)
+                .transpose()?,
+            rootfs: self.output.rootfs,
+            existing: self.output.existing(),
+            registry: self.registry.options()?,
+            cache,
+            jobs: usize::from(self.jobs),
+        })
+    }
+}

@@ -1,0 +1,97 @@
+//! Registry credentials, read the way docker reads them.
+//!
+//! `$DOCKER_CONFIG/config.json` when `DOCKER_CONFIG` is set, else
+//! `~/.docker/config.json`: `auths` entries, then `credHelpers` and
+//! `credsStore` by running `docker-credential-<name> get`. The file format and
+//! the helper protocol are handled by the `docker_credential` crate; this
+//! module maps docker.io to the key docker uses for it and turns the crate's
+//! outcomes into "credentials", "none" or a warning worth showing.
+
+use docker_credential::{CredentialRetrievalError, DockerCredential};
+
+/// A username and password (or token) for one registry.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The key docker stores Docker Hub credentials under.
+const DOCKER_HUB_KEY: &str = "https://index.docker.io/v1/";
+
+/// Look up credentials for `registry` (as written in image references:
+/// `docker.io`, `ghcr.io`, `localhost:5000`). `Ok(None)` means "pull
+/// anonymously"; `Err` is a warning for the user (a broken helper, an
+/// unreadable file), after which the pull also goes on anonymously.
+pub fn lookup(registry: &str) -> Result<Option<Credentials>, String> {
+    let server = if matches!(
+        registry,
+        "docker.io" | "index.docker.io" | "registry-1.docker.io"
+    ) {
+        DOCKER_HUB_KEY
+    } else {
+        registry
+    };
+    match docker_credential::get_credential(server) {
+        Ok(DockerCredential::UsernamePassword(username, password)) => {
+            Ok(Some(Credentials { username, password }))
+        }
+        Ok(DockerCredential::IdentityToken(_)) => Err(format!(
+            "credentials for {registry} are an identity token, which hydrafy cannot use; \
+             run `docker login {registry}` with a username and password or access token"
+        )),
+        Err(
+            CredentialRetrievalError::ConfigNotFound
+            | CredentialRetrievalError::NoCredentialConfigured,
+        ) => Ok(None),
+        Err(CredentialRetrievalError::HelperFailure { stdout, .. })
+            if stdout
+                .to_ascii_lowercase()
+                .contains("credentials not found") =>
+        {
+            Ok(None)
+        }
+        Err(CredentialRetrievalError::HelperFailure {
+            helper,
+            stderr,
+            stdout,
+        }) => Err(format!(
+            "{helper} failed for {registry}: {}",
+            if stderr.trim().is_empty() {
+                stdout.trim()
+            } else {
+                stderr.trim()
+            }
+        )),
+        Err(CredentialRetrievalError::HelperCommunicationError) => Err(format!(
+            "cannot run the credential helper that docker's config.json names for {registry}; \
+             is docker-credential-<name> on PATH?"
+        )),
+        Err(e) => Err(format!(
+            "cannot read docker credentials for {registry}: {e}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_the_password() {
+        let c = Credentials {
+            username: "u".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,602 @@
+//! `hydrafy fetch`: registry to output directory, every byte verified.
+//!
+//! The order of work is the order of trust. The output directory is locked
+//! and inspected first, so that a no-op (DIR already holds the pinned image)
+//! costs no network at all and a refusal comes before any download. Then the
+//! manifest chain is fetched and verified (index, platform manifest, config),
+//! and only then do blobs move: downloads run concurrently into the
+//! content-addressed cache, while the unpack pipeline applies the layers in
+//! order into a staging folder as soon as each is there. DIR changes only in
+//! the final rename, after every digest and diff_id matched.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::Serialize;
+
+use crate::apply::{Applier, ApplyOptions, ApplyStats};
+use crate::blobstore::BlobStore;
+use crate::cancel::Cancel;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::manifest::{
+    self, Compression, Descriptor, ImageConfig, ImageManifest, MAX_CONFIG_BYTES, Manifest,
+};
+use crate::output::{self, Existing, Holding, OutputDir};
+use crate::platform::Platform;
+use crate::progress::Reporter;
+use crate::reference::ImageRef;
+use crate::registry::{Registry, RegistryOptions};
+use crate::state::{ImageRecord, Layout, State};
+use crate::unpack::{self, LayerInput};
+
+/// Everything `fetch` needs to know.
+#[derive(Clone, Debug)]
+pub struct FetchOptions {
+    pub image: String,
+    pub output: PathBuf,
+    /// `None`: the host's platform.
+    pub platform: Option<Platform>,
+    pub rootfs: bool,
+    pub existing: Existing,
+    pub registry: RegistryOptions,
+    /// The blob cache; `None` for `--no-cache`.
+    pub cache: Option<PathBuf>,
+    /// Concurrent downloads.
+    pub jobs: usize,
+}
+
+/// What a run did, for `--json` and for tests.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// The reference, pinned to the digest that was resolved.
+    pub image: String,
+    /// The digest the reference pins (index or manifest).
+    pub digest: Digest,
+    pub manifest_digest: Digest,
+    pub index_digest: Option<Digest>,
+    pub platform: String,
+    pub layers: usize,
+    pub bytes_downloaded: u64,
+    pub bytes_written: u64,
+    pub files: u64,
+    pub seconds: f64,
+    pub output: PathBuf,
+    /// True when DIR already held the image and nothing was done.
+    pub unchanged: bool,
+}
+
+/// An image whose manifest chain has been fetched and verified.
+#[derive(Clone, Debug)]
+pub struct ResolvedImage {
+    pub reference: ImageRef,
+    /// What the reference pins: the index digest, or the manifest digest.
+    pub top_digest: Digest,
+    pub index_digest: Option<Digest>,
+    pub index_bytes: Option<Vec<u8>>,
+    pub manifest_digest: Digest,
+    pub manifest_bytes: Vec<u8>,
+    pub manifest: ImageManifest,
+    pub config: ImageConfig,
+    pub config_bytes: Vec<u8>,
+    pub platform: Platform,
+    pub compression: Vec<Compression>,
+}
+
+impl ResolvedImage {
+    /// The state-file record for this image.
+    pub fn record(&self) -> ImageRecord {
+        ImageRecord {
+            reference: self.reference.pinned(self.top_digest).to_string(),
+            index_digest: self.index_digest,
+            manifest_digest: self.manifest_digest,
+            config_digest: self.manifest.config.digest,
+            platform: self.platform.to_string(),
+            layers: self.manifest.layers.len(),
+        }
+    }
+}
+
+/// Fetch the manifest chain of `image` for `platform` from `registry`.
+/// `explicit` says whether the user chose the platform (a single-platform
+/// image for another one is then an error rather than a warning).
+pub async fn resolve(
+    registry: &Registry,
+    image: &ImageRef,
+    platform: &Platform,
+    explicit: bool,
+    reporter: &dyn Reporter,
+) -> Result<ResolvedImage> {
+    let name = image.to_string();
+    let top = registry
+        .manifest(&image.manifest_ref(), image.digest.map(|d| (d, None)))
+        .await?;
+    let (index_digest, index_bytes, manifest_digest, manifest_bytes, manifest, offered) =
+        match Manifest::parse(&name, &top.bytes)? {
+            Manifest::Index(index) => {
+                let entry = index.select(&name, platform)?;
+                let child = registry
+                    .manifest(
+                        &entry.digest.to_string(),
+                        Some((entry.digest, Some(entry.size))),
+                    )
+                    .await?;
+                let Manifest::Image(m) = Manifest::parse(&name, &child.bytes)? else {
+                    return Err(Error::unsupported(
+                        &name,
+                        "an index nested in an index is not supported",
+                    ));
+                };
+                let offered = entry.platform.clone();
+                (
+                    Some(top.digest),
+                    Some(top.bytes),
+                    child.digest,
+                    child.bytes,
+                    m,
+                    offered,
+                )
+            }
+            Manifest::Image(m) => (None, None, top.digest, top.bytes, m, None),
+        };
+    let config_bytes = registry
+        .blob_bytes(&manifest.config, MAX_CONFIG_BYTES)
+        .await?;
+    finish_resolve(FinishResolve {
+        reference: image.clone(),
+        top_digest: index_digest.unwrap_or(manifest_digest),
+        index_digest,
+        index_bytes,
+        manifest_digest,
+        manifest_bytes,
+        manifest,
+        config_bytes,
+        offered,
+        platform,
+        explicit,
+        reporter,
+    })
+}
+
+/// The parts of resolution that do not depend on where manifests come from.
+pub struct FinishResolve<'a> {
+    pub reference: ImageRef,
+    pub top_digest: Digest,
+    pub index_digest: Option<Digest>,
+    pub index_bytes: Option<Vec<u8>>,
+    pub manifest_digest: Digest,
+    pub manifest_bytes: Vec<u8>,
+    pub manifest: ImageManifest,
+    pub config_bytes: Vec<u8>,
+    /// The platform the index entry named, if the image came from an index.
+    pub offered: Option<Platform>,
+    pub platform: &'a Platform,
+    pub explicit: bool,
+    pub reporter: &'a dyn Reporter,
+}
+
+/// Parse and cross-check config and layers; shared by every image source.
+pub fn finish_resolve(f: FinishResolve<'_>) -> Result<ResolvedImage> {
+    let name = f.reference.to_string();
+    let config = ImageConfig::parse(&name, &f.config_bytes)?;
+    let from_config = Platform {
+        os: config.os.clone(),
+        arch: config.architecture.clone(),
+        variant: config.variant.clone(),
+    };
+    let platform = f.offered.unwrap_or_else(|| from_config.clone());
+    if f.index_digest.is_none() && !config.os.is_empty() && !f.platform.matches(&from_config) {
+        let msg = format!("the image is built for {from_config}, not {}", f.platform);
+        if f.explicit {
+            return Err(Error::unsupported(&name, msg));
+        }
+        f.reporter
+            .warn(&format!("{name}: {msg}; unpacking it anyway"));
+    }
+    if f.manifest.layers.len() != config.rootfs.diff_ids.len() {
+        return Err(Error::unsupported(
+            &name,
+            format!(
+                "the manifest lists {} layers but the config's rootfs.diff_ids has {}; the image is inconsistent",
+                f.manifest.layers.len(),
+                config.rootfs.diff_ids.len()
+            ),
+        ));
+    }
+    let compression = f
+        .manifest
+        .layers
+        .iter()
+        .map(|l| manifest::layer_compression(&name, &l.media_type))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ResolvedImage {
+        reference: f.reference,
+        top_digest: f.top_digest,
+        index_digest: f.index_digest,
+        index_bytes: f.index_bytes,
+        manifest_digest: f.manifest_digest,
+        manifest_bytes: f.manifest_bytes,
+        manifest: f.manifest,
+        config,
+        config_bytes: f.config_bytes,
+        platform,
+        compression,
+    })
+}
+
+/// Run `hydrafy fetch`.
+pub async fn fetch(
+    opts: &FetchOptions,
+    reporter: Arc<dyn Reporter>,
+    cancel: &Cancel,
+) -> Result<Summary> {
+    let start = Instant::now();
+    let image = ImageRef::parse(&opts.image)?;
+    let layout = if opts.rootfs {
+        Layout::Rootfs
+    } else {
+        Layout::Nix
+    };
+    let platform = opts.platform.clone().unwrap_or_else(Platform::host);
+    if opts.existing == Existing::Merge {
+        return Err(Error::invalid(
+            "option",
+            "--merge",
+            "merging into an existing store is not available in this version; use --replace",
+        ));
+    }
+    let out = OutputDir::open(&opts.output, &*reporter)?;
+    if let Some(digest) = image.digest
+        && let Some(summary) = already_holds(&out, layout, &digest, &platform, &image, start)?
+    {
+        reporter.info(&format!(
+            "{} already holds {image}; nothing to do",
+            out.dir().display()
+        ));
+        return Ok(summary);
+    }
+    out.check_overwrite(opts.existing, &image.to_string())?;
+
+    let registry = Registry::new(&image, &opts.registry, Arc::clone(&reporter))?;
+    let resolved = tokio::select! {
+        r = resolve(&registry, &image, &platform, opts.platform.is_some(), &*reporter) => r?,
+        () = cancel.cancelled() => return Err(Error::Interrupted),
+    };
+    if image.digest.is_none() {
+        reporter.warn(&format!(
+            "{image} is not pinned; it resolved to {}; pin it as {} so every runner gets the same store",
+            resolved.top_digest,
+            image.pinned(resolved.top_digest)
+        ));
+        if let Some(summary) =
+            already_holds(&out, layout, &resolved.top_digest, &platform, &image, start)?
+        {
+            reporter.info(&format!(
+                "{} already holds it; nothing to do",
+                out.dir().display()
+            ));
+            return Ok(summary);
+        }
+    }
+    reporter.info(&format!(
+        "{} for {}: {} layers, {:.1} MB",
+        image.pinned(resolved.top_digest),
+        resolved.platform,
+        resolved.manifest.layers.len(),
+        resolved.manifest.layers.iter().map(|l| l.size).sum::<u64>() as f64 / 1e6
+    ));
+
+    let staging = out.stage()?;
+    let store = match &opts.cache {
+        Some(dir) => BlobStore::open(dir)?,
+        None => BlobStore::open(&staging.path().join("blobs"))?,
+    };
+    let (stats, downloaded) = unpack_from_registry(
+        Arc::new(registry),
+        &resolved,
+        &store,
+        &staging.rootfs(),
+        ApplyOptions::for_current_user(opts.rootfs),
+        opts.jobs,
+        &reporter,
+        cancel,
+    )
+    .await?;
+    if cancel.is_cancelled() {
+        return Err(Error::Interrupted);
+    }
+    let tree = match layout {
+        Layout::Nix => {
+            let seed = staging.path().join("out");
+            output::build_seed(&staging.rootfs(), &seed, &image.to_string())?;
+            seed
+        }
+        Layout::Rootfs => staging.rootfs(),
+    };
+    State::new(layout, resolved.record()).write(&tree)?;
+    out.publish(staging, &tree)?;
+    reporter.finish();
+    Ok(Summary {
+        image: image.pinned(resolved.top_digest).to_string(),
+        digest: resolved.top_digest,
+        manifest_digest: resolved.manifest_digest,
+        index_digest: resolved.index_digest,
+        platform: resolved.platform.to_string(),
+        layers: resolved.manifest.layers.len(),
+        bytes_downloaded: downloaded,
+        bytes_written: stats.bytes,
+        files: stats.files,
+        seconds: start.elapsed().as_secs_f64(),
+        output: out.dir().to_path_buf(),
+        unchanged: false,
+    })
+}
+
+/// The no-op check: does DIR already hold this image?
+fn already_holds(
+    out: &OutputDir,
+    layout: Layout,
+    digest: &Digest,
+    platform: &Platform,
+    image: &ImageRef,
+    start: Instant,
+) -> Result<Option<Summary>> {
+    let Holding::State(state) = out.holding() else {
+        return Ok(None);
+    };
+    if !state.holds(layout, digest, platform) {
+        return Ok(None);
+    }
+    if !output::looks_complete(out.dir(), layout) {
+        return Err(Error::Output {
+            dir: out.dir().to_path_buf(),
+            reason: format!(
+                "its state file says it holds {image} but the tree is incomplete; use --replace to rebuild it"
+            ),
+        });
+    }
+    let record = state
+        .images
+        .iter()
+        .find(|i| i.manifest_digest == *digest || i.index_digest.as_ref() == Some(digest))
+        .expect("holds() found it");
+    Ok(Some(Summary {
+        image: image.pinned(*digest).to_string(),
+        digest: *digest,
+        manifest_digest: record.manifest_digest,
+        index_digest: record.index_digest,
+        platform: record.platform.clone(),
+        layers: record.layers,
+        bytes_downloaded: 0,
+        bytes_written: 0,
+        files: 0,
+        seconds: start.elapsed().as_secs_f64(),
+        output: out.dir().to_path_buf(),
+        unchanged: true,
+    }))
+}
+
+/// Download the image's layers into `store` and unpack them onto `rootfs`,
+/// both at once. Returns what was applied and how many bytes came over the wire.
+#[allow(clippy::too_many_arguments)]
+pub async fn unpack_from_registry(
+    registry: Arc<Registry>,
+    resolved: &ResolvedImage,
+    store: &BlobStore,
+    rootfs: &Path,
+    apply: ApplyOptions,
+    jobs: usize,
+    reporter: &Arc<dyn Reporter>,
+    cancel: &Cancel,
+) -> Result<(ApplyStats, u64)> {
+    let board = Arc::new(BlobBoard::default());
+    let layers = layer_inputs(resolved, |desc| {
+        let board = Arc::clone(&board);
+        let flag = cancel.flag();
+        let digest = desc.digest;
+        Box::new(move || {
+            let path = board.wait(&digest, &flag)?;
+            let file = File::open(&path)
+                .map_err(|e| Error::io(&path, "cannot open downloaded blob", e))?;
+            Ok(Box::new(file) as Box<dyn Read + Send>)
+        })
+    });
+    let mut seen = HashSet::new();
+    let blobs: Vec<Descriptor> = resolved
+        .manifest
+        .layers
+        .iter()
+        .filter(|d| seen.insert(d.digest))
+        .cloned()
+        .collect();
+    reporter.layer_total(layers.len() as u64);
+    reporter.download_total(blobs.iter().filter(|d| !store.has(d)).map(|d| d.size).sum());
+
+    let mut applier = Applier::new(rootfs, apply)?;
+    applier.set_cancel(cancel.flag());
+    let flag = cancel.flag();
+    let unpack_reporter = Arc::clone(reporter);
+    let mut unpack_task = tokio::task::spawn_blocking(move || {
+        let result = unpack::unpack(&mut applier, layers, &flag, &*unpack_reporter)
+            .and_then(|()| applier.finish());
+        (applier.stats().clone(), result)
+    });
+    let downloads = download_all(
+        registry,
+        store.clone(),
+        blobs,
+        jobs.max(1),
+        Arc::clone(&board),
+        Arc::clone(reporter),
+        cancel.clone(),
+    );
+    tokio::pin!(downloads);
+
+    let (stats, unpacked, downloaded) = tokio::select! {
+        joined = &mut unpack_task => {
+            let (stats, result) = joined.expect("unpack thread panicked");
+            let downloaded = if result.is_ok() { downloads.await } else { Err(()) };
+            (stats, result, downloaded)
+        }
+        downloaded = &mut downloads => {
+            if downloaded.is_err() {
+                cancel.flag().store(true, Ordering::SeqCst);
+            }
+            let (stats, result) = unpack_task.await.expect("unpack thread panicked");
+            (stats, result, downloaded)
+        }
+    };
+    if let Some(e) = board.take_error() {
+        return Err(e);
+    }
+    unpacked?;
+    let downloaded = downloaded.map_err(|()| Error::Interrupted)?;
+    Ok((stats, downloaded))
+}
+
+/// One [`LayerInput`] per manifest layer, opened by `open`.
+pub fn layer_inputs(
+    resolved: &ResolvedImage,
+    mut open: impl FnMut(&Descriptor) -> Box<dyn FnOnce() -> Result<Box<dyn Read + Send>> + Send>,
+) -> Vec<LayerInput> {
+    resolved
+        .manifest
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(index, desc)| LayerInput {
+            index,
+            descriptor: desc.clone(),
+            diff_id: resolved.config.rootfs.diff_ids[index],
+            compression: resolved.compression[index],
+            open: open(desc),
+            verify_blob: false,
+        })
+        .collect()
+}
+
+/// Download every blob (or find it verified in the store), `jobs` at a time,
+/// in manifest order, posting each to `board` as it lands. `Err(())` means a
+/// download failed (its error is on the board) or the run was cancelled.
+async fn download_all(
+    registry: Arc<Registry>,
+    store: BlobStore,
+    blobs: Vec<Descriptor>,
+    jobs: usize,
+    board: Arc<BlobBoard>,
+    reporter: Arc<dyn Reporter>,
+    cancel: Cancel,
+) -> std::result::Result<u64, ()> {
+    let mut results = futures_util::stream::iter(blobs)
+        .map(|desc| {
+            let registry = Arc::clone(&registry);
+            let store = store.clone();
+            let reporter = Arc::clone(&reporter);
+            async move {
+                let result = fetch_blob(&registry, &store, &desc, &*reporter).await;
+                (desc.digest, result)
+            }
+        })
+        .buffer_unordered(jobs);
+    let mut total = 0;
+    loop {
+        let next = tokio::select! {
+            next = results.next() => next,
+            () = cancel.cancelled() => return Err(()),
+        };
+        let Some((digest, result)) = next else { break };
+        match result {
+            Ok((path, bytes)) => {
+                total += bytes;
+                board.post(digest, Ok(path));
+            }
+            Err(e) => {
+                board.post(digest, Err(e));
+                return Err(());
+            }
+        }
+    }
+    Ok(total)
+}
+
+async fn fetch_blob(
+    registry: &Registry,
+    store: &BlobStore,
+    desc: &Descriptor,
+    reporter: &dyn Reporter,
+) -> Result<(PathBuf, u64)> {
+    if store.has(desc) {
+        let (s, d) = (store.clone(), desc.clone());
+        let intact = tokio::task::spawn_blocking(move || s.verify(&d))
+            .await
+            .expect("verify thread panicked")?;
+        if intact {
+            return Ok((store.path(&desc.digest), 0));
+        }
+        reporter.warn(&format!(
+            "cached blob {} was corrupt; downloading it again",
+            desc.digest
+        ));
+    }
+    registry.download_blob(desc, store).await
+}
+
+/// Where the decoder thread waits for downloads to land.
+#[derive(Default)]
+struct BlobBoard {
+    slots: Mutex<HashMap<Digest, Slot>>,
+    landed: Condvar,
+}
+
+enum Slot {
+    Ready(PathBuf),
+    Failed(Option<Error>),
+}
+
+impl BlobBoard {
+    fn post(&self, digest: Digest, result: Result<PathBuf>) {
+        let slot = match result {
+            Ok(path) => Slot::Ready(path),
+            Err(e) => Slot::Failed(Some(e)),
+        };
+        self.slots.lock().expect("board lock").insert(digest, slot);
+        self.landed.notify_all();
+    }
+
+    fn wait(&self, digest: &Digest, cancel: &AtomicBool) -> Result<PathBuf> {
+        let mut slots = self.slots.lock().expect("board lock");
+        loop {
+            match slots.get(digest) {
+                Some(Slot::Ready(path)) => return Ok(path.clone()),
+                Some(Slot::Failed(_)) => {
+                    return Err(Error::registry(
+                        format!("blob {digest}"),
+                        "the download failed",
+                    ));
+                }
+                None if cancel.load(Ordering::Relaxed) => return Err(Error::Interrupted),
+                None => {}
+            }
+            slots = self
+                .landed
+                .wait_timeout(slots, Duration::from_millis(100))
+                .expect("board lock")
+                .0;
+        }
+    }
+
+    /// The first download error, if any (given out once).
+    fn take_error(&self) -> Option<Error> {
+        let mut slots = self.slots.lock().expect("board lock");
+        slots.values_mut().find_map(|s| match s {
+            Slot::Failed(e) => e.take(),
+            Slot::Ready(_) => None,
+        })
+    }
+}

@@ -1,0 +1,358 @@
+//! A directory treated like a chroot: every path resolves inside it.
+//!
+//! hydrafy runs as root on build hosts and unpacks tar streams from
+//! registries that may be compromised, so resolving a layer entry's path is
+//! the line between "writes into the output" and "writes anywhere on the
+//! host". The rules:
+//!
+//! - Resolution is done by the kernel, with `openat2(RESOLVE_IN_ROOT)` on a
+//!   file descriptor held on the root: `..` clamps at the root and an absolute
+//!   symlink target is taken relative to it (`var/run -> /run` then
+//!   `var/run/x` lands at `<root>/run/x`), exactly as inside a chroot. No
+//!   path string is checked first and acted on later.
+//! - Only parent directories are resolved that way. The last component is
+//!   never followed: it is created with `O_EXCL|O_NOFOLLOW`, linked with
+//!   `linkat` without `AT_SYMLINK_FOLLOW`, stat-ed and removed with `*at`
+//!   calls that do not follow symlinks.
+//! - Nothing that exists is opened for writing: a node in the way is removed
+//!   and a new one created, so a FIFO or device node planted by an earlier
+//!   layer can never be written to.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+
+/// How many symlinks `mkdir_all` follows by hand through dangling links, as
+/// the kernel's own limit.
+const MAX_LINK_HOPS: usize = 40;
+
+/// A directory file descriptor that paths are resolved under.
+pub struct FsRoot {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+/// What `stat_at` found at a name, without following it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Node {
+    Missing,
+    Dir,
+    Other,
+}
+
+impl FsRoot {
+    /// Open `path` (a directory) as a root.
+    pub fn open(path: &Path) -> io::Result<FsRoot> {
+        let fd = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+        )?;
+        Ok(FsRoot {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The host path of the root (for messages only; never used to resolve).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The root's own descriptor.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Open the directory at `rel` (normalised, relative) as the kernel would
+    /// inside a chroot at the root. Symlinks along the way, including the last
+    /// component, are followed but never leave the root.
+    pub fn open_dir(&self, rel: &Path) -> io::Result<OwnedFd> {
+        let target: &Path = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        Ok(rustix::fs::openat2(
+            &self.fd,
+            target,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+        )?)
+    }
+
+    /// Like [`FsRoot::open_dir`], creating missing directories (mode 0700, so
+    /// that an unprivileged run can still write into them; the caller fixes
+    /// modes later). `created` is told each directory made, by the path it was
+    /// made under (through a dangling link: the link's target). A dangling symlink on the way is followed to
+    /// where it points, inside the root, and that directory is created.
+    pub fn mkdir_all(&self, rel: &Path, created: &mut dyn FnMut(&Path)) -> io::Result<OwnedFd> {
+        self.mkdir_all_hops(rel, created, 0)
+    }
+
+    fn mkdir_all_hops(
+        &self,
+        rel: &Path,
+        created: &mut dyn FnMut(&Path),
+        hops: usize,
+    ) -> io::Result<OwnedFd> {
+        match self.open_dir(rel) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            other => return other,
+        }
+        let mut prefix = PathBuf::new();
+        let mut parent = self.open_dir(&prefix)?;
+        for component in rel.components() {
+            let name = component.as_os_str();
+            prefix.push(name);
+            match self.open_dir(&prefix) {
+                Ok(fd) => {
+                    parent = fd;
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o700)) {
+                Ok(()) => created(&prefix),
+                Err(rustix::io::Errno::EXIST) => {
+                    // Something is there yet does not resolve: a dangling symlink.
+                    let stat = rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
+                    if FileType::from_raw_mode(stat.st_mode) != FileType::Symlink {
+                        return Err(io::Error::from(io::ErrorKind::NotADirectory));
+                    }
+                    if hops >= MAX_LINK_HOPS {
+                        return Err(io::Error::from_raw_os_error(libc_eloop()));
+                    }
+                    let target = rustix::fs::readlinkat(&parent, name, Vec::new())?;
+                    let target = Path::new(OsStr::from_bytes(target.as_bytes()));
+                    let base = prefix.parent().unwrap_or(Path::new(""));
+                    let mut resolved = if target.is_absolute() {
+                        normalize(target.as_os_str().as_bytes())
+                    } else {
+                        normalize(base.join(target).as_os_str().as_bytes())
+                    };
+                    // Continue with the rest of `rel` below the link's target.
+                    let rest: PathBuf =
+                        rel.components().skip(prefix.components().count()).collect();
+                    resolved.push(rest);
+                    return self.mkdir_all_hops(
+                        &normalize(resolved.as_os_str().as_bytes()),
+                        created,
+                        hops + 1,
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+            parent = self.open_dir(&prefix)?;
+        }
+        Ok(parent)
+    }
+}
+
+fn libc_eloop() -> i32 {
+    rustix::io::Errno::LOOP.raw_os_error()
+}
+
+/// What is at `name` in `dir`, without following a symlink.
+pub fn stat_at(dir: impl AsFd, name: &OsStr) -> io::Result<Node> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => Ok(Node::Dir),
+        Ok(_) => Ok(Node::Other),
+        Err(rustix::io::Errno::NOENT) => Ok(Node::Missing),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Open the directory `name` in `dir` for reading, refusing to follow a symlink.
+pub fn open_child_dir(dir: impl AsFd, name: &OsStr) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// Remove `name` in `dir` and, if it is a directory, everything below it.
+///
+/// Nothing is followed: symlinks are unlinked, directories are opened with
+/// `O_NOFOLLOW` and walked by descriptor. A read-only directory we own (a Nix
+/// store path is 0555) is made writable first, which is the only way an
+/// unprivileged user can empty it.
+pub fn remove_all_at(dir: impl AsFd, name: &OsStr) -> io::Result<()> {
+    let dir = dir.as_fd();
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) => return Ok(()),
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(rustix::io::Errno::ISDIR) | Err(rustix::io::Errno::PERM) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match stat_at(dir, name)? {
+        Node::Missing => return Ok(()),
+        Node::Other => return Ok(rustix::fs::unlinkat(dir, name, AtFlags::empty())?),
+        Node::Dir => {}
+    }
+    let child = open_child_dir(dir, name)?;
+    empty_dir(&child)?;
+    match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Remove everything inside the open directory `dir`.
+pub fn empty_dir(dir: &OwnedFd) -> io::Result<()> {
+    make_writable(dir)?;
+    for name in list_dir(dir)? {
+        remove_all_at(dir, name.as_os_str())?;
+    }
+    Ok(())
+}
+
+/// Give the owner write and search permission on `dir` if it lacks them.
+pub fn make_writable(dir: &OwnedFd) -> io::Result<()> {
+    let st = rustix::fs::fstat(dir)?;
+    let mode = st.st_mode & 0o7777;
+    if mode & 0o300 != 0o300 {
+        rustix::fs::fchmod(dir, Mode::from_raw_mode(mode | 0o700))?;
+    }
+    Ok(())
+}
+
+/// The names in an open directory, without `.` and `..`.
+pub fn list_dir(dir: &OwnedFd) -> io::Result<Vec<PathBuf>> {
+    let mut names = Vec::new();
+    let mut reader = rustix::fs::Dir::read_from(dir)?;
+    while let Some(entry) = reader.read() {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(PathBuf::from(OsStr::from_bytes(name)));
+        }
+    }
+    Ok(names)
+}
+
+/// Remove a host directory tree given by path, without following symlinks
+/// inside it. Used for staging folders and replaced outputs.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "refusing to remove a root directory",
+        ));
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let dir = rustix::fs::open(
+        parent,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    remove_all_at(&dir, name)
+}
+
+/// Normalise a tar entry name into a relative path inside the root.
+///
+/// Leading `/` and `./` are dropped, `.` components vanish and `..` clamps at
+/// the root, so `../../etc/passwd` becomes `etc/passwd`. The empty path is the
+/// root itself.
+pub fn normalize(name: &[u8]) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in Path::new(OsStr::from_bytes(name)).components() {
+        match component {
+            Component::Normal(c) => out.push(c),
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_clamps_dot_dot_and_drops_leading_slashes() {
+        let n = |s: &str| normalize(s.as_bytes()).to_string_lossy().into_owned();
+        assert_eq!(n("/nix/store/abc"), "nix/store/abc");
+        assert_eq!(n("./etc/passwd"), "etc/passwd");
+        assert_eq!(n("../../etc/passwd"), "etc/passwd");
+        assert_eq!(n("a/b/../../../c"), "c");
+        assert_eq!(n("a//b/./c/"), "a/b/c");
+        assert_eq!(n("/"), "");
+        assert_eq!(n("."), "");
+        assert_eq!(n(".."), "");
+    }
+
+    #[test]
+    fn absolute_symlinks_resolve_inside_the_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root_path = tmp.path().join("root");
+        std::fs::create_dir_all(root_path.join("run")).unwrap();
+        std::fs::create_dir_all(root_path.join("var")).unwrap();
+        std::os::unix::fs::symlink("/run", root_path.join("var/run")).unwrap();
+        let root = FsRoot::open(&root_path).unwrap();
+        let fd = root.open_dir(Path::new("var/run")).unwrap();
+        rustix::fs::mkdirat(&fd, "x", Mode::from_raw_mode(0o755)).unwrap();
+        assert!(root_path.join("run/x").is_dir());
+    }
+
+    #[test]
+    fn mkdir_all_follows_a_dangling_link_into_the_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root_path = tmp.path().join("root");
+        std::fs::create_dir_all(root_path.join("var")).unwrap();
+        std::os::unix::fs::symlink("/run", root_path.join("var/run")).unwrap();
+        std::os::unix::fs::symlink("../../..", root_path.join("up")).unwrap();
+        let root = FsRoot::open(&root_path).unwrap();
+        let mut made = Vec::new();
+        root.mkdir_all(Path::new("var/run/a/b"), &mut |p| {
+            made.push(p.to_path_buf())
+        })
+        .unwrap();
+        assert!(root_path.join("run/a/b").is_dir());
+        assert_eq!(
+            made,
+            [
+                PathBuf::from("run"),
+                PathBuf::from("run/a"),
+                PathBuf::from("run/a/b")
+            ]
+        );
+        root.mkdir_all(Path::new("up/escaped"), &mut |_| {})
+            .unwrap();
+        assert!(root_path.join("escaped").is_dir());
+        assert!(!tmp.path().join("escaped").exists());
+    }
+
+    #[test]
+    fn remove_all_empties_read_only_directories_without_following_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), "x").unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::create_dir_all(victim.join("sub")).unwrap();
+        std::fs::write(victim.join("sub/f"), "x").unwrap();
+        std::os::unix::fs::symlink(&outside, victim.join("link")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(victim.join("sub"), std::fs::Permissions::from_mode(0o555))
+            .unwrap();
+        remove_tree(&victim).unwrap();
+        assert!(!victim.exists());
+        assert!(outside.join("keep").exists());
+    }
+}

@@ -1,0 +1,44 @@
+//! hydrafy: seed a shared Nix store for GitLab docker runners straight from a
+//! container registry, with no docker daemon.
+//!
+//! `hydrafy fetch nixos/nix@sha256:...` resolves the pinned manifest, verifies
+//! every digest on the way (index, manifest, config, each layer blob and each
+//! uncompressed layer against `rootfs.diff_ids`), replays the layers with
+//! their whiteouts into a private staging folder, and publishes
+//! `nix-backup/nix/store` and `nix-backup/nix/var/nix/db` in one rename.
+//!
+//! The binary is thin; this library holds the work, one module per concern:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`reference`], [`digest`], [`platform`] | what the user names, parsed and validated |
+//! | [`manifest`] | manifests, indexes, configs, media types |
+//! | [`registry`], [`credentials`] | the distribution API, auth, retries, mirrors |
+//! | [`blobstore`] | verified content-addressed blobs (the cache) |
+//! | [`decompress`] | gzip/zstd/plain by media type and magic bytes |
+//! | [`fsroot`], [`apply`] | chroot-like path resolution and layer application |
+//! | [`unpack`] | the decode/apply pipeline across two threads |
+//! | [`output`], [`state`] | staging, atomic publish, what DIR holds |
+//! | [`fetch`] | the `fetch` command, end to end |
+//! | [`progress`], [`cancel`], [`cli`], [`error`] | the user interface around it |
+
+pub mod apply;
+pub mod blobstore;
+pub mod cancel;
+pub mod cli;
+pub mod credentials;
+pub mod decompress;
+pub mod digest;
+pub mod error;
+pub mod fetch;
+pub mod fsroot;
+pub mod manifest;
+pub mod output;
+pub mod platform;
+pub mod progress;
+pub mod reference;
+pub mod registry;
+pub mod state;
+pub mod unpack;
+
+pub use error::{Error, Result};

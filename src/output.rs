@@ -1,0 +1,336 @@
+//! The output directory: stage beside it, then publish in one rename.
+//!
+//! All work happens in a private (0700) staging folder next to DIR, named
+//! `.DIR.hydrafy-staging-*`, so that the final step is a rename on one file
+//! system. A run holds an exclusive `flock` on DIR's parent for its whole
+//! length: two runs on one DIR take turns, and any staging folder found while
+//! holding the lock belongs to a run that was killed (SIGKILL, power loss) and
+//! is removed. Publishing is `rename(2)` when DIR is absent or empty and
+//! `renameat2(RENAME_EXCHANGE)` for `--replace`, so DIR is at every instant
+//! either the old tree or the new one.
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{FlockOperation, RenameFlags};
+
+use crate::error::{Error, Result};
+use crate::fsroot;
+use crate::progress::Reporter;
+use crate::state::{Layout, STATE_FILE, State};
+
+/// What to do when DIR already holds another image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Existing {
+    /// Refuse and say which switch to use.
+    Refuse,
+    /// `--replace`: DIR becomes exactly the new image.
+    Replace,
+    /// `--merge`: DIR gains the new image's store paths.
+    Merge,
+}
+
+/// What DIR holds now.
+#[derive(Debug)]
+pub enum Holding {
+    /// DIR does not exist, or is an empty directory.
+    Nothing,
+    /// DIR was written by hydrafy.
+    State(State),
+    /// DIR holds files hydrafy did not write.
+    Foreign,
+}
+
+/// A locked output directory.
+pub struct OutputDir {
+    dir: PathBuf,
+    parent: PathBuf,
+    name: OsString,
+    holding: Holding,
+    _lock: File,
+}
+
+/// A private staging folder; removed when dropped unless published.
+pub struct Staging {
+    path: PathBuf,
+}
+
+impl Staging {
+    /// The staging folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Where layers are unpacked.
+    pub fn rootfs(&self) -> PathBuf {
+        self.path.join("rootfs")
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = fsroot::remove_tree(&self.path);
+    }
+}
+
+impl OutputDir {
+    /// Lock DIR's parent, clear stale staging folders and read what DIR holds.
+    pub fn open(dir: &Path, reporter: &dyn Reporter) -> Result<OutputDir> {
+        let name = dir
+            .file_name()
+            .filter(|n| *n != "." && *n != "..")
+            .ok_or_else(|| Error::Output {
+                dir: dir.to_path_buf(),
+                reason: "the output must name a directory (not /, . or ..)".to_string(),
+            })?
+            .to_os_string();
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        fs::create_dir_all(&parent)
+            .map_err(|e| Error::io(&parent, "cannot create the output's parent directory", e))?;
+        let lock = File::open(&parent)
+            .map_err(|e| Error::io(&parent, "cannot open the output's parent directory", e))?;
+        if rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
+            reporter.info(&format!(
+                "waiting for another hydrafy run in {}",
+                parent.display()
+            ));
+            rustix::fs::flock(&lock, FlockOperation::LockExclusive).map_err(|e| {
+                Error::io(
+                    &parent,
+                    "cannot lock the output's parent directory",
+                    e.into(),
+                )
+            })?;
+        }
+        let out = OutputDir {
+            dir: dir.to_path_buf(),
+            parent,
+            name,
+            holding: Holding::Nothing,
+            _lock: lock,
+        };
+        out.remove_stale_staging(reporter)?;
+        let holding = out.inspect()?;
+        Ok(OutputDir { holding, ..out })
+    }
+
+    fn staging_prefix(&self) -> String {
+        format!(".{}.hydrafy-staging-", self.name.to_string_lossy())
+    }
+
+    fn remove_stale_staging(&self, reporter: &dyn Reporter) -> Result<()> {
+        let prefix = self.staging_prefix();
+        let entries = fs::read_dir(&self.parent)
+            .map_err(|e| Error::io(&self.parent, "cannot list directory", e))?;
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let path = entry.path();
+                reporter.info(&format!(
+                    "removing {} left by an interrupted run",
+                    path.display()
+                ));
+                fsroot::remove_tree(&path)
+                    .map_err(|e| Error::io(&path, "cannot remove stale staging folder", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn inspect(&self) -> Result<Holding> {
+        let meta = match fs::symlink_metadata(&self.dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Holding::Nothing),
+            Err(e) => {
+                return Err(Error::io(
+                    &self.dir,
+                    "cannot inspect the output directory",
+                    e,
+                ));
+            }
+        };
+        if !meta.is_dir() {
+            return Err(Error::Output {
+                dir: self.dir.clone(),
+                reason: "exists and is not a directory; choose another -o".to_string(),
+            });
+        }
+        if let Some(state) = State::read(&self.dir)? {
+            return Ok(Holding::State(state));
+        }
+        let mut entries = fs::read_dir(&self.dir)
+            .map_err(|e| Error::io(&self.dir, "cannot list the output directory", e))?;
+        Ok(if entries.next().is_none() {
+            Holding::Nothing
+        } else {
+            Holding::Foreign
+        })
+    }
+
+    /// What DIR holds.
+    pub fn holding(&self) -> &Holding {
+        &self.holding
+    }
+
+    /// The output directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Check that a run for `what` may go on under `existing`; a clear error otherwise.
+    pub fn check_overwrite(&self, existing: Existing, what: &str) -> Result<()> {
+        let held = match (&self.holding, existing) {
+            (Holding::Nothing, _) | (_, Existing::Replace) => return Ok(()),
+            (Holding::State(s), Existing::Refuse) => s.describe(),
+            (Holding::Foreign, Existing::Refuse) => "files hydrafy did not write".to_string(),
+            (Holding::Foreign, Existing::Merge) => {
+                return Err(Error::Output {
+                    dir: self.dir.clone(),
+                    reason:
+                        "holds files hydrafy did not write, so there is nothing to merge into; \
+                             use --replace to swap in {what}"
+                            .replace("{what}", what),
+                });
+            }
+            (Holding::State(_), Existing::Merge) => return Ok(()),
+        };
+        Err(Error::Output {
+            dir: self.dir.clone(),
+            reason: format!(
+                "already holds {held}; use --replace to swap in {what} atomically, \
+                 or --merge to add its store paths to what is there"
+            ),
+        })
+    }
+
+    /// Make a private staging folder beside DIR.
+    pub fn stage(&self) -> Result<Staging> {
+        let path = self.parent.join(format!(
+            "{}{}-{:08x}",
+            self.staging_prefix(),
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| Error::io(&path, "cannot create staging folder", e))?;
+        let staging = Staging { path };
+        let rootfs = staging.rootfs();
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&rootfs)
+            .map_err(|e| Error::io(&rootfs, "cannot create staging folder", e))?;
+        Ok(staging)
+    }
+
+    /// Publish `tree` (inside `staging`) as DIR in one rename, then drop the staging folder.
+    pub fn publish(&self, staging: Staging, tree: &Path) -> Result<()> {
+        // Data before names: the new tree is on disk before DIR points at it.
+        let fd = File::open(staging.path())
+            .map_err(|e| Error::io(staging.path(), "cannot open staging folder", e))?;
+        rustix::fs::syncfs(&fd).map_err(|e| {
+            Error::io(
+                staging.path(),
+                "cannot flush staging folder to disk",
+                e.into(),
+            )
+        })?;
+        let swap = matches!(self.holding, Holding::State(_) | Holding::Foreign);
+        if swap {
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                tree,
+                rustix::fs::CWD,
+                &self.dir,
+                RenameFlags::EXCHANGE,
+            )
+            .map_err(|e| Error::io(&self.dir, "cannot swap in the new tree", e.into()))?;
+        } else {
+            fs::rename(tree, &self.dir)
+                .map_err(|e| Error::io(&self.dir, "cannot publish the new tree", e))?;
+        }
+        let parent = File::open(&self.parent)
+            .map_err(|e| Error::io(&self.parent, "cannot open directory", e))?;
+        rustix::fs::fsync(&parent)
+            .map_err(|e| Error::io(&self.parent, "cannot flush directory", e.into()))?;
+        drop(staging);
+        Ok(())
+    }
+}
+
+/// The two folders the runners mount, relative to the image root.
+pub const SEED_DIRS: [&str; 2] = ["nix/store", "nix/var/nix/db"];
+
+/// Build the runner seed (`nix/store`, `nix/var/nix/db`) from an unpacked
+/// root by moving those two trees into `out`, keeping the modes of their
+/// parent directories. `image` names the image in errors.
+pub fn build_seed(rootfs: &Path, out: &Path, image: &str) -> Result<()> {
+    fs::DirBuilder::new()
+        .mode(0o755)
+        .create(out)
+        .map_err(|e| Error::io(out, "cannot create seed folder", e))?;
+    for sub in SEED_DIRS {
+        let src = rootfs.join(sub);
+        // Every component must be a real directory: a symlink here would move the wrong tree.
+        let mut cur = rootfs.to_path_buf();
+        for part in Path::new(sub).components() {
+            cur.push(part);
+            match fs::symlink_metadata(&cur) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(Error::unsupported(
+                        image,
+                        format!(
+                            "/{} in the image is not a directory; unpack it with --rootfs instead",
+                            cur.strip_prefix(rootfs).unwrap_or(&cur).display()
+                        ),
+                    ));
+                }
+                Err(_) => {
+                    return Err(Error::unsupported(
+                        image,
+                        format!(
+                            "the image has no /{sub}, so it is not a Nix image the runners can share; use --rootfs to unpack the whole filesystem"
+                        ),
+                    ));
+                }
+            }
+        }
+        let dest = out.join(sub);
+        let mut made = out.to_path_buf();
+        let mut from = rootfs.to_path_buf();
+        let parts: Vec<_> = Path::new(sub).components().collect();
+        for part in &parts[..parts.len() - 1] {
+            made.push(part);
+            from.push(part);
+            if !made.exists() {
+                let meta = fs::metadata(&from)
+                    .map_err(|e| Error::io(&from, "cannot read directory mode", e))?;
+                fs::create_dir(&made)
+                    .map_err(|e| Error::io(&made, "cannot create seed folder", e))?;
+                fs::set_permissions(&made, fs::Permissions::from_mode(meta.mode() & 0o7777))
+                    .map_err(|e| Error::io(&made, "cannot set mode", e))?;
+                if rustix::process::geteuid().is_root() {
+                    std::os::unix::fs::lchown(&made, Some(meta.uid()), Some(meta.gid()))
+                        .map_err(|e| Error::io(&made, "cannot set owner", e))?;
+                }
+            }
+        }
+        fs::rename(&src, &dest)
+            .map_err(|e| Error::io(&dest, "cannot move into the seed folder", e))?;
+    }
+    Ok(())
+}
+
+/// What a published DIR holds for `layout`: `nix/store` for the seed.
+pub fn looks_complete(dir: &Path, layout: Layout) -> bool {
+    match layout {
+        Layout::Nix => SEED_DIRS.iter().all(|s| dir.join(s).is_dir()),
+        Layout::Rootfs => dir.join(STATE_FILE).is_file(),
+    }
+}

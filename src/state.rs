@@ -1,0 +1,158 @@
+//! The state file: what an output directory holds.
+//!
+//! `DIR/.hydrafy-state.json` records every image the directory was built
+//! from (one after `fetch`/`extract`, more after `--merge`), so that a second
+//! run for an image the directory already holds does nothing, and a run for
+//! another image knows it must not overwrite silently.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::platform::Platform;
+
+/// The state file's name inside an output directory.
+pub const STATE_FILE: &str = ".hydrafy-state.json";
+const VERSION: u32 = 1;
+
+/// What was unpacked: the Nix seed (store and database) or the whole filesystem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    Nix,
+    Rootfs,
+}
+
+/// One image an output directory was built from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// The reference as the user gave it, normalised.
+    pub reference: String,
+    /// The index or manifest list digest, when the reference named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_digest: Option<Digest>,
+    /// The platform-specific manifest's digest.
+    pub manifest_digest: Digest,
+    pub config_digest: Digest,
+    pub platform: String,
+    pub layers: usize,
+}
+
+/// The whole state file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    pub layout: Layout,
+    pub images: Vec<ImageRecord>,
+}
+
+impl State {
+    /// A state holding one image.
+    pub fn new(layout: Layout, image: ImageRecord) -> State {
+        State {
+            version: VERSION,
+            layout,
+            images: vec![image],
+        }
+    }
+
+    /// Read `dir`'s state file; `Ok(None)` when there is none.
+    pub fn read(dir: &Path) -> Result<Option<State>> {
+        let path = dir.join(STATE_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path, "cannot read hydrafy state file", e)),
+        };
+        let state: State = serde_json::from_slice(&bytes).map_err(|e| Error::Output {
+            dir: dir.to_path_buf(),
+            reason: format!("the state file {STATE_FILE} is damaged ({e}); use --replace to rebuild the directory"),
+        })?;
+        if state.version != VERSION {
+            return Err(Error::Output {
+                dir: dir.to_path_buf(),
+                reason: format!(
+                    "the state file was written by another hydrafy version (format {}); use --replace to rebuild",
+                    state.version
+                ),
+            });
+        }
+        Ok(Some(state))
+    }
+
+    /// Write the state file into `dir` (a staging tree, before it is published).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(STATE_FILE);
+        let mut bytes = serde_json::to_vec_pretty(self).expect("state serialises");
+        bytes.push(b'\n');
+        std::fs::write(&path, bytes)
+            .map_err(|e| Error::io(&path, "cannot write hydrafy state file", e))
+    }
+
+    /// Does this directory already hold the image pinned by `digest` for
+    /// `platform` in `layout`? `digest` may name an index or a manifest.
+    pub fn holds(&self, layout: Layout, digest: &Digest, platform: &Platform) -> bool {
+        self.layout == layout
+            && self.images.iter().any(|img| {
+                img.manifest_digest == *digest
+                    || (img.index_digest.as_ref() == Some(digest)
+                        && img
+                            .platform
+                            .parse::<Platform>()
+                            .is_ok_and(|p| platform.matches(&p)))
+            })
+    }
+
+    /// One line naming what the directory holds, for messages.
+    pub fn describe(&self) -> String {
+        let names: Vec<String> = self
+            .images
+            .iter()
+            .map(|i| format!("{} ({})", i.reference, i.platform))
+            .collect();
+        names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(index: Option<Digest>) -> ImageRecord {
+        ImageRecord {
+            reference: "docker.io/nixos/nix@x".into(),
+            index_digest: index,
+            manifest_digest: Digest::of(b"manifest"),
+            config_digest: Digest::of(b"config"),
+            platform: "linux/amd64".into(),
+            layers: 3,
+        }
+    }
+
+    #[test]
+    fn holds_matches_manifest_or_index_with_platform_and_layout() {
+        let index = Digest::of(b"index");
+        let s = State::new(Layout::Nix, record(Some(index)));
+        let amd64: Platform = "linux/amd64".parse().unwrap();
+        let arm64: Platform = "linux/arm64".parse().unwrap();
+        assert!(s.holds(Layout::Nix, &Digest::of(b"manifest"), &arm64));
+        assert!(s.holds(Layout::Nix, &index, &amd64));
+        assert!(!s.holds(Layout::Nix, &index, &arm64));
+        assert!(!s.holds(Layout::Rootfs, &index, &amd64));
+        assert!(!s.holds(Layout::Nix, &Digest::of(b"other"), &amd64));
+    }
+
+    #[test]
+    fn state_round_trips_through_its_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(State::read(tmp.path()).unwrap(), None);
+        let s = State::new(Layout::Rootfs, record(None));
+        s.write(tmp.path()).unwrap();
+        assert_eq!(State::read(tmp.path()).unwrap(), Some(s));
+        std::fs::write(tmp.path().join(STATE_FILE), "{").unwrap();
+        let err = State::read(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("--replace"), "{err}");
+    }
+}
