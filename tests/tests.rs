@@ -1,0 +1,5 @@
+//! hydrafy's integration tests: one binary, one module per area, shared helpers in `support`.
+
+mod support;
+
+mod fetch;
