@@ -33,6 +33,10 @@ const DOCKER_HUB_KEY: &str = "https://index.docker.io/v1/";
 /// anonymously"; `Err` is a warning for the user (a broken helper, an
 /// unreadable file), after which the pull also goes on anonymously.
 pub fn lookup(registry: &str) -> Result<Option<Credentials>, String> {
+    // No config file is the common case on build hosts: pull anonymously, say nothing.
+    if !config_path().is_some_and(|p| p.is_file()) {
+        return Ok(None);
+    }
     let server = if matches!(
         registry,
         "docker.io" | "index.docker.io" | "registry-1.docker.io"
@@ -80,6 +84,15 @@ pub fn lookup(registry: &str) -> Result<Option<Credentials>, String> {
             "cannot read docker credentials for {registry}: {e}"
         )),
     }
+}
+
+/// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+pub fn config_path() -> Option<std::path::PathBuf> {
+    let dir = match std::env::var_os("DOCKER_CONFIG") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".docker"),
+    };
+    Some(dir.join("config.json"))
 }
 
 #[cfg(test)]

@@ -454,37 +454,39 @@ impl Registry {
                 // The server ignored Range and sends everything: start over.
                 writer.restart()?;
             }
-            let mut failure = None;
-            loop {
+            let failure = loop {
                 match resp.chunk().await {
                     Ok(Some(chunk)) => {
                         writer.write(&chunk)?;
                         *received += chunk.len() as u64;
                         self.reporter.downloaded(chunk.len() as u64);
                     }
-                    Ok(None) => break,
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
-                    }
+                    Ok(None) => break None,
+                    Err(e) => break Some(e),
                 }
-            }
-            if writer.len() == desc.size {
-                return Ok(());
-            }
-            if attempt >= self.opts.attempts {
-                return Err(match failure {
-                    Some(e) => http_error(&target, "download interrupted too many times", e),
-                    None => Error::SizeMismatch {
+            };
+            match failure {
+                // The server sent all it has for this blob: that is its size.
+                None if writer.len() != desc.size => {
+                    return Err(Error::SizeMismatch {
                         what: "blob",
                         digest: desc.digest,
                         expected: desc.size,
                         found: writer.len(),
                         truncated: false,
-                    },
-                });
+                    });
+                }
+                None => return Ok(()),
+                // The transfer broke off: resume from what arrived, a bounded number of times.
+                Some(e) if attempt >= self.opts.attempts => {
+                    return Err(http_error(
+                        &target,
+                        "download interrupted too many times",
+                        e,
+                    ));
+                }
+                Some(_) => tokio::time::sleep(self.backoff(attempt)).await,
             }
-            tokio::time::sleep(self.backoff(attempt)).await;
         }
     }
 

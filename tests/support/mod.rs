@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod image;
+pub mod nix;
+pub mod proxy;
 pub mod registry;
 
 use std::collections::BTreeMap;

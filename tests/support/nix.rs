@@ -1,0 +1,143 @@
+//! Real Nix stores for end-to-end tests, made with Debian's `nix-bin`, and
+//! Nix-layered images built from them (one store path per layer, absolute
+//! names, the database in the last layer, as nixpkgs' layered images are).
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::image::Tar;
+use super::require_tool;
+
+/// A chroot store under `root` (`root/nix/store`, `root/nix/var/nix/db`).
+pub struct NixStore {
+    pub root: PathBuf,
+    /// Store paths (`/nix/store/...`) in creation order.
+    pub paths: Vec<String>,
+}
+
+/// Make a store at `root` holding `builtins.path` copies of `sources` (name,
+/// dir) and, for each, a small text file that refers to it (a real reference).
+pub fn make_store(root: &Path, sources: &[(&str, &Path)]) -> NixStore {
+    require_tool("nix-instantiate", "nix-bin");
+    let mut lets = Vec::new();
+    let mut names = Vec::new();
+    for (i, (name, dir)) in sources.iter().enumerate() {
+        lets.push(format!(
+            "p{i} = builtins.path {{ path = {}; name = \"{name}\"; }};",
+            dir.display()
+        ));
+        lets.push(format!(
+            "w{i} = builtins.toFile \"{name}-wrapper\" \"#!/bin/sh\\nexec ${{p{i}}}/bin/run\\n\";"
+        ));
+        names.push(format!("p{i} w{i}"));
+    }
+    let expr = format!("let {} in [ {} ]", lets.join("\n"), names.join(" "));
+    let out = Command::new("nix-instantiate")
+        .arg("--store")
+        .arg(format!("local?root={}", root.display()))
+        .args([
+            "--read-write-mode",
+            "--eval",
+            "--strict",
+            "--json",
+            "-E",
+            &expr,
+        ])
+        .env("NIX_CONFIG", "sandbox = false")
+        .output()
+        .expect("run nix-instantiate");
+    assert!(
+        out.status.success(),
+        "nix-instantiate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let paths: Vec<String> = serde_json::from_slice(&out.stdout).expect("store paths as JSON");
+    NixStore {
+        root: root.to_path_buf(),
+        paths,
+    }
+}
+
+/// A source tree with the shapes a store path has: an executable, a
+/// read-only file, a symlink, a subdirectory, an empty file.
+pub fn sample_source(dir: &Path, tag: &str, bulk: usize) {
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::create_dir_all(dir.join("share/doc")).unwrap();
+    std::fs::write(dir.join("bin/run"), format!("#!/bin/sh\necho {tag}\n")).unwrap();
+    std::fs::set_permissions(dir.join("bin/run"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        dir.join("share/doc/README"),
+        format!("{tag}\n").repeat(bulk.max(1)),
+    )
+    .unwrap();
+    std::fs::write(dir.join("share/empty"), b"").unwrap();
+    std::os::unix::fs::symlink("../bin/run", dir.join("share/run-link")).unwrap();
+}
+
+/// `nix-store --verify --check-contents` on the store under `root`; returns (success, output).
+pub fn verify(root: &Path) -> (bool, String) {
+    require_tool("nix-store", "nix-bin");
+    let out = Command::new("nix-store")
+        .arg("--store")
+        .arg(format!("local?root={}", root.display()))
+        .args(["--verify", "--check-contents"])
+        .output()
+        .expect("run nix-store");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        out.status.success() && !text.contains("was modified") && !text.contains("error"),
+        text,
+    )
+}
+
+/// The tar layers of a Nix-layered image of `store`: one per store path
+/// (absolute `/nix/store/...` names), then one with the database.
+pub fn layers(store: &NixStore) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for p in &store.paths {
+        let mut t = Tar::new();
+        t.dir("/nix", 0o755).dir("/nix/store", 0o755);
+        add_tree(&mut t, &store.root, Path::new(p.trim_start_matches('/')));
+        out.push(t.finish());
+    }
+    let mut t = Tar::new();
+    for d in ["./nix", "./nix/var", "./nix/var/nix", "./nix/var/nix/db"] {
+        t.dir(d, 0o755);
+    }
+    for f in ["db.sqlite", "schema"] {
+        let data = std::fs::read(store.root.join("nix/var/nix/db").join(f)).unwrap();
+        t.file(&format!("./nix/var/nix/db/{f}"), &data, 0o644);
+    }
+    out.push(t.finish());
+    out
+}
+
+fn add_tree(t: &mut Tar, root: &Path, rel: &Path) {
+    let path = root.join(rel);
+    let meta = std::fs::symlink_metadata(&path).unwrap();
+    let name = format!("/{}", rel.display());
+    t.mtime = meta.mtime() as u64;
+    let mode = meta.mode() & 0o7777;
+    if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(&path).unwrap();
+        t.symlink(&name, &target.to_string_lossy());
+    } else if meta.is_dir() {
+        t.dir(&name, mode);
+        let mut kids: Vec<_> = std::fs::read_dir(&path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        kids.sort();
+        for k in kids {
+            add_tree(t, root, &rel.join(k));
+        }
+    } else {
+        t.file(&name, &std::fs::read(&path).unwrap(), mode);
+    }
+    t.mtime = 1;
+}

@@ -1,0 +1,259 @@
+//! A small HTTP/1.1 proxy placed in front of the real registry, for what a
+//! real server cannot do on demand: stall, cut a transfer, answer 503 or 429,
+//! redirect, or lie about bytes. Each request is decided by a rule that sees
+//! the method, path and headers (and how many requests came before it), and
+//! every request is logged with what was sent back, so a test can assert on
+//! byte counts and headers.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A request as the proxy saw it.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    /// How many requests the proxy saw before this one.
+    pub index: usize,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn is_blob(&self) -> bool {
+        self.path.contains("/blobs/sha256:")
+    }
+
+    pub fn is_manifest(&self) -> bool {
+        self.path.contains("/manifests/")
+    }
+}
+
+/// What to do with a request.
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// Forward to the upstream and relay the answer.
+    Pass,
+    /// Answer this status with these headers and body, without asking upstream.
+    Status(u16, Vec<(String, String)>, String),
+    /// Relay the answer but close the connection after this many body bytes.
+    CutAfter(u64),
+    /// Relay this many body bytes, then send nothing more (until the client gives up).
+    StallAfter(u64),
+    /// Answer 307 with this Location.
+    Redirect(String),
+    /// Relay the answer with one body byte changed (a lying mirror or CDN).
+    Corrupt,
+}
+
+/// One logged exchange.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub request: Request,
+    pub status: u16,
+    pub body_bytes: u64,
+}
+
+type Rule = dyn Fn(&Request) -> Action + Send + Sync;
+
+pub struct Proxy {
+    pub addr: String,
+    pub log: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    /// Listen on `bind_ip` (a loopback address) and forward to `upstream` (`host:port`).
+    pub fn start(
+        bind_ip: &str,
+        upstream: &str,
+        rule: impl Fn(&Request) -> Action + Send + Sync + 'static,
+    ) -> Proxy {
+        let listener = TcpListener::bind(format!("{bind_ip}:0")).expect("bind proxy");
+        let addr = listener.local_addr().unwrap().to_string();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let rule: Arc<Rule> = Arc::new(rule);
+        let counter = Arc::new(AtomicUsize::new(0));
+        let upstream = upstream.to_string();
+        {
+            let (log, stop) = (Arc::clone(&log), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let (log, rule, counter, upstream, stop) = (
+                        Arc::clone(&log),
+                        Arc::clone(&rule),
+                        Arc::clone(&counter),
+                        upstream.clone(),
+                        Arc::clone(&stop),
+                    );
+                    std::thread::spawn(move || {
+                        let _ = serve(conn, &upstream, &*rule, &counter, &log, &stop);
+                    });
+                }
+            });
+        }
+        Proxy { addr, log, stop }
+    }
+
+    /// Everything logged so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(&self.addr);
+    }
+}
+
+fn serve(
+    client: TcpStream,
+    upstream: &str,
+    rule: &Rule,
+    counter: &AtomicUsize,
+    log: &Mutex<Vec<Seen>>,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(client.try_clone()?);
+    let mut client = client;
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("").to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let request = Request {
+        method: method.clone(),
+        path: path.clone(),
+        headers: headers.clone(),
+        index: counter.fetch_add(1, Ordering::SeqCst),
+    };
+    let action = rule(&request);
+    let record = |status: u16, body_bytes: u64| {
+        log.lock().unwrap().push(Seen {
+            request: request.clone(),
+            status,
+            body_bytes,
+        });
+    };
+    match action {
+        Action::Status(code, extra, body) => {
+            let mut head = format!(
+                "HTTP/1.1 {code} Status\r\nContent-Length: {}\r\nConnection: close\r\n",
+                body.len()
+            );
+            for (k, v) in extra {
+                head.push_str(&format!("{k}: {v}\r\n"));
+            }
+            head.push_str("\r\n");
+            client.write_all(head.as_bytes())?;
+            if method != "HEAD" {
+                client.write_all(body.as_bytes())?;
+            }
+            record(code, 0);
+            return Ok(());
+        }
+        Action::Redirect(location) => {
+            let head = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            client.write_all(head.as_bytes())?;
+            record(307, 0);
+            return Ok(());
+        }
+        _ => {}
+    }
+    let mut up = TcpStream::connect(upstream)?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\n");
+    for (k, v) in &headers {
+        if k.eq_ignore_ascii_case("connection") || k.eq_ignore_ascii_case("host") {
+            continue;
+        }
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Host: {upstream}\r\nConnection: close\r\n\r\n"));
+    up.write_all(req.as_bytes())?;
+    let mut up_reader = BufReader::new(up);
+    let mut status_line = String::new();
+    up_reader.read_line(&mut status_line)?;
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(502);
+    let mut head = status_line.clone();
+    loop {
+        let mut h = String::new();
+        up_reader.read_line(&mut h)?;
+        if h.trim_end().is_empty() {
+            break;
+        }
+        if h.to_ascii_lowercase().starts_with("connection:") {
+            continue;
+        }
+        head.push_str(&h);
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    client.write_all(head.as_bytes())?;
+    let limit = match action {
+        Action::CutAfter(n) | Action::StallAfter(n) => Some(n),
+        _ => None,
+    };
+    let mut sent = 0u64;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut corrupted = false;
+    loop {
+        let want = match limit {
+            Some(n) if sent >= n => break,
+            Some(n) => buf.len().min((n - sent) as usize),
+            None => buf.len(),
+        };
+        let k = up_reader.read(&mut buf[..want])?;
+        if k == 0 {
+            break;
+        }
+        if matches!(action, Action::Corrupt) && !corrupted {
+            buf[0] ^= 0xff;
+            corrupted = true;
+        }
+        if client.write_all(&buf[..k]).is_err() {
+            break;
+        }
+        sent += k as u64;
+    }
+    record(status, sent);
+    if matches!(action, Action::StallAfter(_)) {
+        client.flush()?;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
