@@ -9,8 +9,10 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::blobstore::BlobStore;
 use crate::error::{Error, Result};
+use crate::extract::ExtractOptions;
 use crate::fetch::FetchOptions;
 use crate::output::Existing;
+use crate::pull::PullOptions;
 use crate::registry::{Mirror, RegistryOptions};
 
 const EXIT_CODES: &str = "\
@@ -35,6 +37,58 @@ pub enum Command {
     /// store and database into DIR (default ./nix-backup).
     #[command(after_help = EXIT_CODES)]
     Fetch(FetchArgs),
+    /// Pull a pinned image from its registry into a file for an air-gapped
+    /// host: an oci-archive when PATH ends in .tar, else an OCI layout directory.
+    #[command(after_help = EXIT_CODES)]
+    Pull(PullArgs),
+    /// Unpack an image file (OCI layout directory, oci-archive or docker save
+    /// tar) into DIR, with the same checks as fetch and no network at all.
+    #[command(after_help = EXIT_CODES)]
+    Extract(ExtractArgs),
+}
+
+/// `hydrafy pull`.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// The image: [REGISTRY/]REPO[:TAG][@sha256:HEX].
+    pub image: String,
+    /// Where to write: PATH.tar for an oci-archive, any other PATH for an OCI layout directory.
+    #[arg(long, short = 'o', value_name = "PATH")]
+    pub output: PathBuf,
+    /// The platform to keep from a multi-platform image (default: this machine's).
+    #[arg(
+        long,
+        value_name = "OS/ARCH[/VARIANT]",
+        conflicts_with = "all_platforms"
+    )]
+    pub platform: Option<String>,
+    /// Keep every platform of a multi-platform image.
+    #[arg(long)]
+    pub all_platforms: bool,
+    /// Also write a sha256sum line for the archive to this file (check it with `sha256sum -c`).
+    #[arg(long, value_name = "FILE")]
+    pub checksum: Option<PathBuf>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Do not use or fill the blob cache ($XDG_CACHE_HOME/hydrafy).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// How many blobs to download at once.
+    #[arg(long, short = 'j', default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
+/// `hydrafy extract`.
+#[derive(Debug, Args)]
+pub struct ExtractArgs {
+    /// An OCI image layout directory, an oci-archive tar, or a docker save tar.
+    pub source: PathBuf,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 /// `hydrafy fetch`.
@@ -131,20 +185,58 @@ impl RegistryArgs {
     }
 }
 
+/// The blob cache directory, or `None` with `--no-cache`.
+fn cache_dir(no_cache: bool) -> Result<Option<PathBuf>> {
+    if no_cache {
+        return Ok(None);
+    }
+    BlobStore::default_cache_dir().map(Some).ok_or_else(|| {
+        Error::invalid(
+            "environment",
+            "HOME",
+            "neither XDG_CACHE_HOME nor HOME is set; pass --no-cache",
+        )
+    })
+}
+
+impl PullArgs {
+    /// Validated pull options.
+    pub fn options(&self) -> Result<PullOptions> {
+        Ok(PullOptions {
+            image: self.image.clone(),
+            output: self.output.clone(),
+            platform: self.platform.as_deref().map(str::parse).transpose()?,
+            all_platforms: self.all_platforms,
+            registry: self.registry.options()?,
+            cache: cache_dir(self.no_cache)?,
+            jobs: usize::from(self.jobs),
+            checksum: self.checksum.clone(),
+        })
+    }
+}
+
+impl ExtractArgs {
+    /// Validated extract options.
+    pub fn options(&self) -> Result<ExtractOptions> {
+        Ok(ExtractOptions {
+            source: self.source.clone(),
+            output: self.output.output.clone(),
+            platform: self
+                .output
+                .platform
+                .as_deref()
+                .map(str::parse)
+                .transpose()?,
+            rootfs: self.output.rootfs,
+            existing: self.output.existing(),
+        })
+    }
+}
+
 impl FetchArgs {
     /// Validated fetch options.
     pub fn options(&self) -> Result<FetchOptions> {
-        let cache = if self.no_cache {
-            None
-        } else {
-            Some(BlobStore::default_cache_dir().ok_or_else(|| {
-                Error::invalid(
-                    "environment",
-                    "HOME",
-                    "neither XDG_CACHE_HOME nor HOME is set; pass --no-cache",
-                )
-            })?)
-        };
+        let cache = cache_dir(self.no_cache)?;
         Ok(FetchOptions {
             image: self.image.clone(),
             output: self.output.output.clone(),

@@ -8,6 +8,10 @@
 //! content-addressed cache, while the unpack pipeline applies the layers in
 //! order into a staging folder as soon as each is there. DIR changes only in
 //! the final rename, after every digest and diff_id matched.
+//!
+//! The steps after resolution ([`already_holds`], [`publish_unpacked`],
+//! [`finish_resolve`]) are shared with `extract`, which reads the same
+//! manifests from a file instead of a registry.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -28,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::manifest::{
     self, Compression, Descriptor, ImageConfig, ImageManifest, MAX_CONFIG_BYTES, Manifest,
 };
-use crate::output::{self, Existing, Holding, OutputDir};
+use crate::output::{self, Existing, Holding, OutputDir, Staging};
 use crate::platform::Platform;
 use crate::progress::Reporter;
 use crate::reference::ImageRef;
@@ -55,11 +59,11 @@ pub struct FetchOptions {
 /// What a run did, for `--json` and for tests.
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
-    /// The reference, pinned to the digest that was resolved.
+    /// The image, pinned to the digest that was resolved (or the archive it came from).
     pub image: String,
-    /// The digest the reference pins (index or manifest).
+    /// The digest that pins it (index or manifest; the image ID for a `docker save` archive).
     pub digest: Digest,
-    pub manifest_digest: Digest,
+    pub manifest_digest: Option<Digest>,
     pub index_digest: Option<Digest>,
     pub platform: String,
     pub layers: usize,
@@ -72,19 +76,18 @@ pub struct Summary {
     pub unchanged: bool,
 }
 
-/// An image whose manifest chain has been fetched and verified.
+/// An image whose manifest chain has been fetched (or read) and verified.
 #[derive(Clone, Debug)]
 pub struct ResolvedImage {
-    pub reference: ImageRef,
-    /// What the reference pins: the index digest, or the manifest digest.
+    /// How the image is named in messages and the state file.
+    pub name: String,
+    /// What pins it: the index or manifest digest (the config digest for a
+    /// `docker save` archive, which keeps no manifest).
     pub top_digest: Digest,
     pub index_digest: Option<Digest>,
-    pub index_bytes: Option<Vec<u8>>,
-    pub manifest_digest: Digest,
-    pub manifest_bytes: Vec<u8>,
+    pub manifest_digest: Option<Digest>,
     pub manifest: ImageManifest,
     pub config: ImageConfig,
-    pub config_bytes: Vec<u8>,
     pub platform: Platform,
     pub compression: Vec<Compression>,
 }
@@ -93,13 +96,24 @@ impl ResolvedImage {
     /// The state-file record for this image.
     pub fn record(&self) -> ImageRecord {
         ImageRecord {
-            reference: self.reference.pinned(self.top_digest).to_string(),
+            reference: self.name.clone(),
             index_digest: self.index_digest,
             manifest_digest: self.manifest_digest,
             config_digest: self.manifest.config.digest,
             platform: self.platform.to_string(),
             layers: self.manifest.layers.len(),
         }
+    }
+
+    /// A one-line description for progress output.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} for {}: {} layers, {:.1} MB",
+            self.name,
+            self.platform,
+            self.manifest.layers.len(),
+            self.manifest.layers.iter().map(|l| l.size).sum::<u64>() as f64 / 1e6
+        )
     }
 }
 
@@ -117,7 +131,7 @@ pub async fn resolve(
     let top = registry
         .manifest(&image.manifest_ref(), image.digest.map(|d| (d, None)))
         .await?;
-    let (index_digest, index_bytes, manifest_digest, manifest_bytes, manifest, offered) =
+    let (index_digest, manifest_digest, manifest, offered) =
         match Manifest::parse(&name, &top.bytes)? {
             Manifest::Index(index) => {
                 let entry = index.select(&name, platform)?;
@@ -133,30 +147,22 @@ pub async fn resolve(
                         "an index nested in an index is not supported",
                     ));
                 };
-                let offered = entry.platform.clone();
-                (
-                    Some(top.digest),
-                    Some(top.bytes),
-                    child.digest,
-                    child.bytes,
-                    m,
-                    offered,
-                )
+                (Some(top.digest), child.digest, m, entry.platform.clone())
             }
-            Manifest::Image(m) => (None, None, top.digest, top.bytes, m, None),
+            Manifest::Image(m) => (None, top.digest, m, None),
         };
     let config_bytes = registry
         .blob_bytes(&manifest.config, MAX_CONFIG_BYTES)
         .await?;
     finish_resolve(FinishResolve {
-        reference: image.clone(),
+        name: image
+            .pinned(index_digest.unwrap_or(manifest_digest))
+            .to_string(),
         top_digest: index_digest.unwrap_or(manifest_digest),
         index_digest,
-        index_bytes,
-        manifest_digest,
-        manifest_bytes,
+        manifest_digest: Some(manifest_digest),
         manifest,
-        config_bytes,
+        config_bytes: &config_bytes,
         offered,
         platform,
         explicit,
@@ -166,14 +172,13 @@ pub async fn resolve(
 
 /// The parts of resolution that do not depend on where manifests come from.
 pub struct FinishResolve<'a> {
-    pub reference: ImageRef,
+    pub name: String,
     pub top_digest: Digest,
     pub index_digest: Option<Digest>,
-    pub index_bytes: Option<Vec<u8>>,
-    pub manifest_digest: Digest,
-    pub manifest_bytes: Vec<u8>,
+    pub manifest_digest: Option<Digest>,
     pub manifest: ImageManifest,
-    pub config_bytes: Vec<u8>,
+    /// The config blob, already verified against its descriptor.
+    pub config_bytes: &'a [u8],
     /// The platform the index entry named, if the image came from an index.
     pub offered: Option<Platform>,
     pub platform: &'a Platform,
@@ -183,8 +188,8 @@ pub struct FinishResolve<'a> {
 
 /// Parse and cross-check config and layers; shared by every image source.
 pub fn finish_resolve(f: FinishResolve<'_>) -> Result<ResolvedImage> {
-    let name = f.reference.to_string();
-    let config = ImageConfig::parse(&name, &f.config_bytes)?;
+    let name = f.name;
+    let config = ImageConfig::parse(&name, f.config_bytes)?;
     let from_config = Platform {
         os: config.os.clone(),
         arch: config.architecture.clone(),
@@ -216,15 +221,12 @@ pub fn finish_resolve(f: FinishResolve<'_>) -> Result<ResolvedImage> {
         .map(|l| manifest::layer_compression(&name, &l.media_type))
         .collect::<Result<Vec<_>>>()?;
     Ok(ResolvedImage {
-        reference: f.reference,
+        name,
         top_digest: f.top_digest,
         index_digest: f.index_digest,
-        index_bytes: f.index_bytes,
         manifest_digest: f.manifest_digest,
-        manifest_bytes: f.manifest_bytes,
         manifest: f.manifest,
         config,
-        config_bytes: f.config_bytes,
         platform,
         compression,
     })
@@ -244,16 +246,10 @@ pub async fn fetch(
         Layout::Nix
     };
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
-    if opts.existing == Existing::Merge {
-        return Err(Error::invalid(
-            "option",
-            "--merge",
-            "merging into an existing store is not available in this version; use --replace",
-        ));
-    }
+    check_merge(opts.existing)?;
     let out = OutputDir::open(&opts.output, &*reporter)?;
     if let Some(digest) = image.digest
-        && let Some(summary) = already_holds(&out, layout, &digest, &platform, &image, start)?
+        && let Some(summary) = already_holds(&out, layout, &digest, &platform, start)?
     {
         reporter.info(&format!(
             "{} already holds {image}; nothing to do",
@@ -274,8 +270,7 @@ pub async fn fetch(
             resolved.top_digest,
             image.pinned(resolved.top_digest)
         ));
-        if let Some(summary) =
-            already_holds(&out, layout, &resolved.top_digest, &platform, &image, start)?
+        if let Some(summary) = already_holds(&out, layout, &resolved.top_digest, &platform, start)?
         {
             reporter.info(&format!(
                 "{} already holds it; nothing to do",
@@ -284,13 +279,7 @@ pub async fn fetch(
             return Ok(summary);
         }
     }
-    reporter.info(&format!(
-        "{} for {}: {} layers, {:.1} MB",
-        image.pinned(resolved.top_digest),
-        resolved.platform,
-        resolved.manifest.layers.len(),
-        resolved.manifest.layers.iter().map(|l| l.size).sum::<u64>() as f64 / 1e6
-    ));
+    reporter.info(&resolved.describe());
 
     let staging = out.stage()?;
     let store = match &opts.cache {
@@ -308,22 +297,57 @@ pub async fn fetch(
         cancel,
     )
     .await?;
+    publish_unpacked(&out, staging, layout, &resolved, cancel)?;
+    reporter.finish();
+    Ok(summary_of(&resolved, &out, &stats, downloaded, start))
+}
+
+/// `--merge` is not built yet: say so before any work.
+pub fn check_merge(existing: Existing) -> Result<()> {
+    if existing == Existing::Merge {
+        return Err(Error::invalid(
+            "option",
+            "--merge",
+            "merging into an existing store is not available in this version; use --replace",
+        ));
+    }
+    Ok(())
+}
+
+/// Turn an unpacked staging root into DIR: the runner seed (or the whole
+/// root with `--rootfs`), the state file, one rename.
+pub fn publish_unpacked(
+    out: &OutputDir,
+    staging: Staging,
+    layout: Layout,
+    resolved: &ResolvedImage,
+    cancel: &Cancel,
+) -> Result<()> {
     if cancel.is_cancelled() {
         return Err(Error::Interrupted);
     }
     let tree = match layout {
         Layout::Nix => {
             let seed = staging.path().join("out");
-            output::build_seed(&staging.rootfs(), &seed, &image.to_string())?;
+            output::build_seed(&staging.rootfs(), &seed, &resolved.name)?;
             seed
         }
         Layout::Rootfs => staging.rootfs(),
     };
     State::new(layout, resolved.record()).write(&tree)?;
-    out.publish(staging, &tree)?;
-    reporter.finish();
-    Ok(Summary {
-        image: image.pinned(resolved.top_digest).to_string(),
+    out.publish(staging, &tree)
+}
+
+/// The `--json` summary of a run that unpacked `resolved` into `out`.
+pub fn summary_of(
+    resolved: &ResolvedImage,
+    out: &OutputDir,
+    stats: &ApplyStats,
+    downloaded: u64,
+    start: Instant,
+) -> Summary {
+    Summary {
+        image: resolved.name.clone(),
         digest: resolved.top_digest,
         manifest_digest: resolved.manifest_digest,
         index_digest: resolved.index_digest,
@@ -335,39 +359,34 @@ pub async fn fetch(
         seconds: start.elapsed().as_secs_f64(),
         output: out.dir().to_path_buf(),
         unchanged: false,
-    })
+    }
 }
 
-/// The no-op check: does DIR already hold this image?
-fn already_holds(
+/// The no-op check: does DIR already hold the image `digest` pins?
+pub fn already_holds(
     out: &OutputDir,
     layout: Layout,
     digest: &Digest,
     platform: &Platform,
-    image: &ImageRef,
     start: Instant,
 ) -> Result<Option<Summary>> {
     let Holding::State(state) = out.holding() else {
         return Ok(None);
     };
-    if !state.holds(layout, digest, platform) {
+    let Some(record) = state.find(layout, digest, platform) else {
         return Ok(None);
-    }
+    };
     if !output::looks_complete(out.dir(), layout) {
         return Err(Error::Output {
             dir: out.dir().to_path_buf(),
             reason: format!(
-                "its state file says it holds {image} but the tree is incomplete; use --replace to rebuild it"
+                "its state file says it holds {} but the tree is incomplete; use --replace to rebuild it",
+                record.reference
             ),
         });
     }
-    let record = state
-        .images
-        .iter()
-        .find(|i| i.manifest_digest == *digest || i.index_digest.as_ref() == Some(digest))
-        .expect("holds() found it");
     Ok(Some(Summary {
-        image: image.pinned(*digest).to_string(),
+        image: record.reference.clone(),
         digest: *digest,
         manifest_digest: record.manifest_digest,
         index_digest: record.index_digest,
@@ -479,6 +498,45 @@ pub fn layer_inputs(
             verify_blob: false,
         })
         .collect()
+}
+
+/// Download `blobs` into `store` (or find them verified there), `jobs` at a
+/// time. Returns where each blob is and how many bytes came over the wire.
+pub async fn download_blobs(
+    registry: Arc<Registry>,
+    store: &BlobStore,
+    blobs: Vec<Descriptor>,
+    jobs: usize,
+    reporter: &Arc<dyn Reporter>,
+    cancel: &Cancel,
+) -> Result<(HashMap<Digest, PathBuf>, u64)> {
+    let board = Arc::new(BlobBoard::default());
+    reporter.download_total(blobs.iter().filter(|d| !store.has(d)).map(|d| d.size).sum());
+    let downloaded = download_all(
+        registry,
+        store.clone(),
+        blobs,
+        jobs.max(1),
+        Arc::clone(&board),
+        Arc::clone(reporter),
+        cancel.clone(),
+    )
+    .await;
+    if let Some(e) = board.take_error() {
+        return Err(e);
+    }
+    let downloaded = downloaded.map_err(|()| Error::Interrupted)?;
+    let paths = board
+        .slots
+        .lock()
+        .expect("board lock")
+        .iter()
+        .filter_map(|(d, s)| match s {
+            Slot::Ready(p) => Some((*d, p.clone())),
+            Slot::Failed(_) => None,
+        })
+        .collect();
+    Ok((paths, downloaded))
 }
 
 /// Download every blob (or find it verified in the store), `jobs` at a time,

@@ -20,6 +20,7 @@
 //! | [`unpack`] | the decode/apply pipeline across two threads |
 //! | [`output`], [`state`] | staging, atomic publish, what DIR holds |
 //! | [`fetch`] | the `fetch` command, end to end |
+//! | [`pull`], [`extract`], [`layout`] | air-gapped hosts: image files written and read |
 //! | [`progress`], [`cancel`], [`cli`], [`error`] | the user interface around it |
 
 pub mod apply;
@@ -30,12 +31,15 @@ pub mod credentials;
 pub mod decompress;
 pub mod digest;
 pub mod error;
+pub mod extract;
 pub mod fetch;
 pub mod fsroot;
+pub mod layout;
 pub mod manifest;
 pub mod output;
 pub mod platform;
 pub mod progress;
+pub mod pull;
 pub mod reference;
 pub mod registry;
 pub mod state;

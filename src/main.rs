@@ -41,6 +41,24 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
             progress.finish();
             finish(result, args.report.json)
         }
+        Command::Pull(args) => {
+            let progress = Arc::new(Progress::new(Style::detect(args.report.quiet)));
+            let result = match args.options() {
+                Ok(opts) => hydrafy::pull::pull(&opts, progress.clone(), &cancel).await,
+                Err(e) => Err(e),
+            };
+            progress.finish();
+            finish(result, args.report.json)
+        }
+        Command::Extract(args) => {
+            let progress = Arc::new(Progress::new(Style::detect(args.report.quiet)));
+            let result = match args.options() {
+                Ok(opts) => hydrafy::extract::extract(&opts, progress.clone(), &cancel).await,
+                Err(e) => Err(e),
+            };
+            progress.finish();
+            finish(result, args.report.json)
+        }
     }
 }
 

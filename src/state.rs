@@ -33,8 +33,11 @@ pub struct ImageRecord {
     /// The index or manifest list digest, when the reference named one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_digest: Option<Digest>,
-    /// The platform-specific manifest's digest.
-    pub manifest_digest: Digest,
+    /// The platform-specific manifest's digest (none for a `docker save`
+    /// archive, which does not keep the registry's manifest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_digest: Option<Digest>,
+    /// The config digest, which docker calls the image ID.
     pub config_digest: Digest,
     pub platform: String,
     pub layers: usize,
@@ -91,18 +94,32 @@ impl State {
             .map_err(|e| Error::io(&path, "cannot write hydrafy state file", e))
     }
 
-    /// Does this directory already hold the image pinned by `digest` for
-    /// `platform` in `layout`? `digest` may name an index or a manifest.
+    /// The record of the image pinned by `digest` for `platform` in
+    /// `layout`, if this directory holds it. `digest` may name an index, a
+    /// manifest, or a config (the image ID, for `docker save` archives).
+    pub fn find(
+        &self,
+        layout: Layout,
+        digest: &Digest,
+        platform: &Platform,
+    ) -> Option<&ImageRecord> {
+        if self.layout != layout {
+            return None;
+        }
+        self.images.iter().find(|img| {
+            img.manifest_digest.as_ref() == Some(digest)
+                || (img.manifest_digest.is_none() && img.config_digest == *digest)
+                || (img.index_digest.as_ref() == Some(digest)
+                    && img
+                        .platform
+                        .parse::<Platform>()
+                        .is_ok_and(|p| platform.matches(&p)))
+        })
+    }
+
+    /// Does this directory already hold that image? See [`State::find`].
     pub fn holds(&self, layout: Layout, digest: &Digest, platform: &Platform) -> bool {
-        self.layout == layout
-            && self.images.iter().any(|img| {
-                img.manifest_digest == *digest
-                    || (img.index_digest.as_ref() == Some(digest)
-                        && img
-                            .platform
-                            .parse::<Platform>()
-                            .is_ok_and(|p| platform.matches(&p)))
-            })
+        self.find(layout, digest, platform).is_some()
     }
 
     /// One line naming what the directory holds, for messages.
@@ -124,7 +141,7 @@ mod tests {
         ImageRecord {
             reference: "docker.io/nixos/nix@x".into(),
             index_digest: index,
-            manifest_digest: Digest::of(b"manifest"),
+            manifest_digest: Some(Digest::of(b"manifest")),
             config_digest: Digest::of(b"config"),
             platform: "linux/amd64".into(),
             layers: 3,

@@ -78,6 +78,17 @@ pub fn sample_source(dir: &Path, tag: &str, bulk: usize) {
 /// `nix-store --verify --check-contents` on the store under `root`; returns (success, output).
 pub fn verify(root: &Path) -> (bool, String) {
     require_tool("nix-store", "nix-bin");
+    // nix-store happily "verifies" a store that is not there: make sure this one is.
+    assert!(
+        root.join("nix/var/nix/db/db.sqlite").is_file(),
+        "no Nix database under {}",
+        root.display()
+    );
+    assert!(
+        std::fs::read_dir(root.join("nix/store")).is_ok_and(|mut d| d.next().is_some()),
+        "empty store under {}",
+        root.display()
+    );
     let out = Command::new("nix-store")
         .arg("--store")
         .arg(format!("local?root={}", root.display()))
