@@ -274,6 +274,7 @@ pub fn build_seed(rootfs: &Path, out: &Path, image: &str) -> Result<()> {
         .mode(0o755)
         .create(out)
         .map_err(|e| Error::io(out, "cannot create seed folder", e))?;
+    let mut parents = Vec::new();
     for sub in SEED_DIRS {
         let src = rootfs.join(sub);
         // Every component must be a real directory: a symlink here would move the wrong tree.
@@ -309,20 +310,41 @@ pub fn build_seed(rootfs: &Path, out: &Path, image: &str) -> Result<()> {
             made.push(part);
             from.push(part);
             if !made.exists() {
+                // Read before anything is moved out of `from`, which changes its mtime.
                 let meta = fs::metadata(&from)
-                    .map_err(|e| Error::io(&from, "cannot read directory mode", e))?;
+                    .map_err(|e| Error::io(&from, "cannot read directory metadata", e))?;
                 fs::create_dir(&made)
                     .map_err(|e| Error::io(&made, "cannot create seed folder", e))?;
-                fs::set_permissions(&made, fs::Permissions::from_mode(meta.mode() & 0o7777))
-                    .map_err(|e| Error::io(&made, "cannot set mode", e))?;
-                if rustix::process::geteuid().is_root() {
-                    std::os::unix::fs::lchown(&made, Some(meta.uid()), Some(meta.gid()))
-                        .map_err(|e| Error::io(&made, "cannot set owner", e))?;
-                }
+                parents.push((made.clone(), meta));
             }
         }
         fs::rename(&src, &dest)
             .map_err(|e| Error::io(&dest, "cannot move into the seed folder", e))?;
+    }
+    // The parents (nix, nix/var, nix/var/nix) take the image's owner, mode
+    // and mtime, deepest first and after the moves that changed their mtimes.
+    for (made, meta) in parents.iter().rev() {
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::lchown(made, Some(meta.uid()), Some(meta.gid()))
+                .map_err(|e| Error::io(made, "cannot set owner", e))?;
+        }
+        fs::set_permissions(made, fs::Permissions::from_mode(meta.mode() & 0o7777))
+            .map_err(|e| Error::io(made, "cannot set mode", e))?;
+        let mtime = rustix::fs::Timespec {
+            tv_sec: meta.mtime(),
+            tv_nsec: meta.mtime_nsec(),
+        };
+        let times = rustix::fs::Timestamps {
+            last_access: mtime,
+            last_modification: mtime,
+        };
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            made.as_path(),
+            &times,
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| Error::io(made, "cannot set mtime", e.into()))?;
     }
     Ok(())
 }

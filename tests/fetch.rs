@@ -218,6 +218,16 @@ fn default_output_is_only_the_store_and_database_the_runners_mount() {
     let pkg = env.join("nix-backup/nix/store/bbbb-pkg");
     assert_eq!(std::fs::metadata(&pkg).unwrap().mode() & 0o7777, 0o555);
     assert_eq!(std::fs::metadata(pkg.join("data")).unwrap().mtime(), 1);
+    // Regression: the seed's parents took the time of the run, so two fetches of one image differed.
+    for dir in ["nix", "nix/var", "nix/var/nix"] {
+        assert_eq!(
+            std::fs::metadata(env.join("nix-backup").join(dir))
+                .unwrap()
+                .mtime(),
+            1,
+            "{dir} keeps the image's mtime"
+        );
+    }
     let summary = json(&out);
     for field in [
         "image",
