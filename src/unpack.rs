@@ -138,10 +138,12 @@ fn decode_one(
     let buffered = BufReader::with_capacity(CHUNK, counted);
     let decoded = decompress::decoder(&label, buffered, layer.compression)?;
     let mut hashed = HashingReader::new(decoded);
-    let stream_error = |e: io::Error| Error::Layer {
+    let stream_error = |e: io::Error| {
+        Error::Layer {
         layer: label.clone(),
-        reason: "cannot decompress the layer".to_string(),
+        reason: "cannot decompress the layer; the blob is corrupt (fetch it again, or copy the archive again)".to_string(),
         source: Some(e),
+    }
     };
     loop {
         if cancel.load(Ordering::Relaxed) {

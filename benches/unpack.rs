@@ -1,0 +1,178 @@
+//! Micro-benchmark of the hot path: decompress, hash and apply one layer held
+//! in memory, against peers run in the same process on the same bytes:
+//!
+//! - `inflate+sha256`: decompressing and hashing only (the floor for any
+//!   verifying unpacker);
+//! - `tar-crate unpack`: flate2 plus the tar crate's own `Archive::unpack`,
+//!   which verifies nothing and follows none of hydrafy's containment rules;
+//! - `hydrafy unpack`: the real pipeline (decoder thread, applier thread,
+//!   diff_id check, chroot-like resolution, deferred directory metadata).
+//!
+//! Files go to /dev/shm when it exists, so the figures are CPU and syscall
+//! cost, not the disk. Run with `cargo bench --bench unpack`.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use hydrafy::apply::{Applier, ApplyOptions};
+use hydrafy::digest::{Digest, HashingReader};
+use hydrafy::manifest::{Compression, Descriptor};
+use hydrafy::progress::Recorder;
+use hydrafy::unpack::{LayerInput, unpack};
+
+/// A Nix-like layer: one store path of `files` files with text-like content.
+fn layer(files: usize) -> (Vec<u8>, Digest) {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut add_dir = |tar: &mut tar::Builder<Vec<u8>>, path: &str| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mode(0o555);
+        h.set_mtime(1);
+        h.set_size(0);
+        tar.append_data(&mut h, path, std::io::empty()).unwrap();
+    };
+    add_dir(&mut tar, "nix");
+    add_dir(&mut tar, "nix/store");
+    add_dir(&mut tar, "nix/store/0000000000000000000000000000000a-bench");
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for i in 0..files {
+        if i % 50 == 0 {
+            add_dir(
+                &mut tar,
+                &format!(
+                    "nix/store/0000000000000000000000000000000a-bench/d{}",
+                    i / 50
+                ),
+            );
+        }
+        let len = 1024 + (i * 7919) % 60_000;
+        let mut data = Vec::with_capacity(len);
+        while data.len() < len {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let word =
+                ["lib", "nix", "store", "cuda", "0x1f", "\n", "fn ", "return"][(seed % 8) as usize];
+            data.extend_from_slice(word.as_bytes());
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mode(0o444);
+        h.set_mtime(1);
+        h.set_size(data.len() as u64);
+        let path = format!(
+            "nix/store/0000000000000000000000000000000a-bench/d{}/f{i}",
+            i / 50
+        );
+        tar.append_data(&mut h, path, data.as_slice()).unwrap();
+    }
+    let raw = tar.into_inner().unwrap();
+    let diff_id = Digest::of(&raw);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+    gz.write_all(&raw).unwrap();
+    (gz.finish().unwrap(), diff_id)
+}
+
+fn scratch() -> PathBuf {
+    let base = if Path::new("/dev/shm").is_dir() {
+        Path::new("/dev/shm")
+    } else {
+        Path::new("/tmp")
+    };
+    base.join(format!("hydrafy-bench-{}", std::process::id()))
+}
+
+fn fresh(dir: &Path) -> PathBuf {
+    let _ = hydrafy::fsroot::remove_tree(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    dir.to_path_buf()
+}
+
+fn bench(c: &mut Criterion) {
+    let (blob, diff_id) = layer(4000);
+    let raw_len = {
+        let mut n = 0u64;
+        let mut d = flate2::read::MultiGzDecoder::new(blob.as_slice());
+        let mut buf = vec![0; 1 << 16];
+        loop {
+            let k = d.read(&mut buf).unwrap();
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+        }
+        n
+    };
+    let dir = scratch();
+    let mut group = c.benchmark_group("one layer");
+    group.throughput(Throughput::Bytes(raw_len));
+    group.sample_size(20);
+
+    group.bench_function("inflate+sha256", |b| {
+        b.iter(|| {
+            let mut r = HashingReader::new(flate2::read::MultiGzDecoder::new(blob.as_slice()));
+            r.drain().unwrap();
+            assert_eq!(r.finish().0, diff_id);
+        })
+    });
+
+    group.bench_function("tar-crate unpack", |b| {
+        b.iter_batched(
+            || fresh(&dir.join("tar")),
+            |root| {
+                tar::Archive::new(flate2::read::MultiGzDecoder::new(blob.as_slice()))
+                    .unpack(&root)
+                    .unwrap()
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+
+    group.bench_function("hydrafy unpack", |b| {
+        b.iter_batched(
+            || fresh(&dir.join("hydrafy")),
+            |root| {
+                let mut applier =
+                    Applier::new(&root, ApplyOptions::for_current_user(false)).unwrap();
+                let bytes = blob.clone();
+                let input = LayerInput {
+                    index: 0,
+                    descriptor: Descriptor {
+                        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                        digest: Digest::of(&bytes),
+                        size: bytes.len() as u64,
+                        platform: None,
+                        urls: None,
+                        annotations: None,
+                    },
+                    diff_id,
+                    compression: Compression::Gzip,
+                    open: Box::new(move || {
+                        Ok(Box::new(std::io::Cursor::new(bytes)) as Box<dyn Read + Send>)
+                    }),
+                    verify_blob: true,
+                };
+                unpack(
+                    &mut applier,
+                    vec![input],
+                    &Arc::new(AtomicBool::new(false)),
+                    &Recorder::default(),
+                )
+                .unwrap();
+                applier.finish().unwrap();
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+    let _ = hydrafy::fsroot::remove_tree(&dir);
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

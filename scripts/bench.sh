@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: hydrafy fetch (cold cache) against skopeo copy + umoci
+# unpack, and against the naive, unverified `curl | tar -xz` of every layer.
+#
+# It starts a throwaway distribution registry on loopback, pushes realistic
+# Nix-layered images (make_nixlike.py: one store path per layer, a real Nix
+# database), and times the three pipelines ALTERNATELY, run after run, so that
+# disk and page-cache drift hits all of them alike. Wall time and peak RSS come
+# from /usr/bin/time; the report gives medians and ratios against the peers of
+# the same run. (hyperfine runs each command's repetitions back to back and
+# cannot report memory, which is why this loop is hand-rolled.)
+#
+# usage: scripts/bench.sh [--runs N] [--images full,half,big] [--work DIR]
+#   full: make_nixlike.py --mb 400 (about 99 layers, 250 MB compressed, 700 MB, 25,000 files)
+#   half: make_nixlike.py --mb 200
+#   big:  one 2 GB layer (real files from /usr/lib under one store path)
+# needs: docker-registry skopeo umoci curl pigz python3 nix-bin (apt-get install ...)
+set -euo pipefail
+
+runs=5
+images=full,half,big
+work=${TMPDIR:-/tmp}/hydrafy-bench
+here=$(cd "$(dirname "$0")/.." && pwd)
+make_nixlike=${MAKE_NIXLIKE:-$here/../shared/tools/make_nixlike.py}
+while [ $# -gt 0 ]; do
+    case $1 in
+        --runs) runs=$2; shift 2 ;;
+        --images) images=$2; shift 2 ;;
+        --work) work=$2; shift 2 ;;
+        *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
+done
+for tool in docker-registry skopeo umoci curl pigz python3 nix-instantiate /usr/bin/time; do
+    command -v "$tool" >/dev/null || { echo "bench.sh needs $tool (apt-get install docker-registry skopeo umoci curl pigz python3 nix-bin time)" >&2; exit 2; }
+done
+[ -f "$make_nixlike" ] || { echo "set MAKE_NIXLIKE to make_nixlike.py (not found at $make_nixlike)" >&2; exit 2; }
+
+(cd "$here" && cargo build --release --quiet)
+hydrafy=$here/target/release/hydrafy
+rm -rf "$work"; mkdir -p "$work"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+reg=127.0.0.1:$port
+mkdir -p "$work/registry"
+cat > "$work/registry/config.yml" <<YML
+version: 0.1
+log: {level: error}
+storage: {filesystem: {rootdirectory: $work/registry/storage}}
+http: {addr: $reg}
+YML
+docker-registry serve "$work/registry/config.yml" > "$work/registry/log" 2>&1 &
+registry_pid=$!
+trap 'kill $registry_pid 2>/dev/null || true' EXIT
+for _ in $(seq 100); do curl -fsS "http://$reg/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
+
+push_blob() { # file -> digest
+    local digest loc
+    digest=sha256:$(sha256sum "$1" | cut -d' ' -f1)
+    loc=$(curl -fsSi -X POST "http://$reg/v2/$2/blobs/uploads/" | tr -d '\r' | sed -n 's/^[Ll]ocation: //p')
+    case $loc in /*) loc=http://$reg$loc ;; esac
+    case $loc in *\?*) loc="$loc&digest=$digest" ;; *) loc="$loc?digest=$digest" ;; esac
+    curl -fsS -X PUT -H 'Content-Type: application/octet-stream' -T "$1" "$loc" >/dev/null
+    echo "$digest"
+}
+
+make_big() { # one 2 GB layer: real files under one store path, plus the db dir
+    local dir=$work/big root=$work/big/root store
+    store=$root/nix/store/00000000000000000000000000000000-big-2g
+    mkdir -p "$store" "$root/nix/var/nix/db"
+    local total=0
+    for d in /usr/lib/*/; do
+        [ -L "${d%/}" ] && continue
+        size=$(du -sb "$d" 2>/dev/null | cut -f1)
+        [ "$size" -gt 0 ] || continue
+        [ $((total + size)) -gt 2100000000 ] && continue
+        cp -a "$d" "$store/" 2>/dev/null || true
+        total=$((total + size))
+        [ "$total" -gt 1900000000 ] && break
+    done
+    find "$store" \( -type b -o -type c -o -type p -o -type s \) -delete
+    printf 'not a real db\n' > "$root/nix/var/nix/db/db.sqlite"
+    tar -C "$root" --numeric-owner --owner=0 --group=0 -cf "$dir/layer.tar" nix
+    local diff_id size_raw
+    diff_id=sha256:$(sha256sum "$dir/layer.tar" | cut -d' ' -f1)
+    size_raw=$(stat -c %s "$dir/layer.tar")
+    pigz -6 < "$dir/layer.tar" > "$dir/layer.tar.gz"
+    rm -f "$dir/layer.tar"
+    local layer config cfg_digest manifest
+    layer=$(push_blob "$dir/layer.tar.gz" nixos/big)
+    printf '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["%s"]}}' "$diff_id" > "$dir/config.json"
+    cfg_digest=$(push_blob "$dir/config.json" nixos/big)
+    manifest=$(printf '{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"%s","size":%s},"layers":[{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","digest":"%s","size":%s}]}' \
+        "$cfg_digest" "$(stat -c %s "$dir/config.json")" "$layer" "$(stat -c %s "$dir/layer.tar.gz")")
+    curl -fsS -X PUT -H 'Content-Type: application/vnd.docker.distribution.manifest.v2+json' --data "$manifest" "http://$reg/v2/nixos/big/manifests/latest" >/dev/null
+    rm -rf "$root"
+    echo "big: 1 layer, $size_raw bytes uncompressed" >&2
+    echo "nixos/big@sha256:$(printf '%s' "$manifest" | sha256sum | cut -d' ' -f1)"
+}
+
+declare -A ref
+for img in ${images//,/ }; do
+    case $img in
+        full) mb=400 ;;
+        half) mb=200 ;;
+        big) ref[big]=$(make_big); continue ;;
+        *) echo "unknown image $img" >&2; exit 2 ;;
+    esac
+    out=$(python3 "$make_nixlike" "$work/$img" "$reg" "nixos/$img" --mb "$mb")
+    ref[$img]=nixos/$img@$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["amd64"])' "$out")
+    rm -rf "$work/$img"
+done
+
+layers_of() { # repo@digest -> layer digests, one per line
+    local repo=${1%@*} digest=${1#*@}
+    curl -fsS -H 'Accept: application/vnd.docker.distribution.manifest.v2+json' "http://$reg/v2/$repo/manifests/$digest" |
+        python3 -c 'import json,sys; [print(l["digest"]) for l in json.load(sys.stdin)["layers"]]'
+}
+
+results=$work/results.tsv
+: > "$results"
+# ext4 scans past inodes freed in the last minute (five if their table block is
+# dirty) when it allocates new ones, which makes creating files right after a
+# big `rm -rf` several times slower. Runs therefore never delete: every run
+# writes a fresh directory, and the outputs of an image are removed only after
+# its last run, followed by a sync and a pause before the next image.
+run_one() { # image tool run
+    local img=$1 tool=$2 run=$3 out=$work/out/$1-$2-$3
+    mkdir -p "$out"; sync
+    case $tool in
+        hydrafy)
+            cmd=("env" "XDG_CACHE_HOME=$out/cache" "$hydrafy" fetch --plain-http -q "$reg/${ref[$img]}" -o "$out/nix-backup") ;;
+        skopeo+umoci)
+            cmd=(sh -c "skopeo copy -q --src-tls-verify=false docker://$reg/${ref[$img]} oci:$out/layout:img && umoci unpack --rootless --image $out/layout:img $out/bundle") ;;
+        curl+tar)
+            local script="set -e"
+            for l in $(layers_of "${ref[$img]}"); do script="$script; curl -fsS http://$reg/v2/${ref[$img]%@*}/blobs/$l | tar -xz -C $out"; done
+            cmd=(sh -c "$script") ;;
+    esac
+    /usr/bin/time -f "%e %M" -o "$work/time" "${cmd[@]}" >/dev/null 2>"$work/stderr" || { cat "$work/stderr" >&2; echo "$tool failed on $img" >&2; exit 1; }
+    printf '%s\t%s\t%s\n' "$img" "$tool" "$(cat "$work/time")" | tr ' ' '\t' >> "$results"
+}
+
+for img in ${images//,/ }; do
+    echo "letting ext4 forget recent deletions" >&2; sync; sleep 65
+    for r in $(seq "$runs"); do
+        for tool in hydrafy skopeo+umoci curl+tar; do
+            run_one "$img" "$tool" "$r"
+        done
+        echo "$img run $r/$runs done" >&2
+    done
+    rm -rf "$work/out"; sync
+done
+
+python3 - "$results" "$(nproc)" "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" <<'PY'
+import collections, statistics, sys
+rows = [l.split("\t") for l in open(sys.argv[1]).read().split("\n") if l]
+t = collections.defaultdict(list); m = collections.defaultdict(list)
+for img, tool, secs, kb in rows:
+    t[img, tool].append(float(secs)); m[img, tool].append(int(kb))
+imgs = list(dict.fromkeys(r[0] for r in rows))
+print(f"machine: {sys.argv[2]} cores, {sys.argv[3]}; {len(t[imgs[0], 'hydrafy'])} alternating runs per tool")
+print()
+print("| image | hydrafy fetch | skopeo + umoci | curl \\| tar -xz | hydrafy / skopeo+umoci | hydrafy / curl\\|tar | hydrafy peak RSS |")
+print("|---|---|---|---|---|---|---|")
+for img in imgs:
+    h, s, c = (statistics.median(t[img, k]) for k in ("hydrafy", "skopeo+umoci", "curl+tar"))
+    rss = max(m[img, "hydrafy"]) / 1024
+    print(f"| {img} | {h:.2f} s | {s:.2f} s | {c:.2f} s | {h/s:.2f} | {h/c:.2f} | {rss:.0f} MB |")
+PY
