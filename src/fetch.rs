@@ -261,7 +261,10 @@ pub async fn fetch(
         ));
         return Ok(summary);
     }
-    let registry = Registry::new(&image, &opts.registry, Arc::clone(&reporter))?;
+    let mut registry = Registry::new(&image, &opts.registry, Arc::clone(&reporter))?;
+    if let Some(dir) = &opts.cache {
+        registry = registry.with_cache(BlobStore::open(dir)?);
+    }
     // A tag alone, and DIR holds an image: one HEAD says whether it is this
     // one, without a manifest GET (the request Docker Hub's rate limit counts).
     if image.digest.is_none() && matches!(out.holding(), Holding::State(_)) {

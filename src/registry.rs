@@ -185,6 +185,8 @@ pub struct Registry {
     endpoints: Vec<Endpoint>,
     opts: RegistryOptions,
     reporter: Arc<dyn Reporter>,
+    /// Where small blobs read into memory (configs) are cached too.
+    cache: Option<BlobStore>,
 }
 
 /// A manifest body and the digest it hashes to.
@@ -249,7 +251,15 @@ impl Registry {
             endpoints,
             opts: opts.clone(),
             reporter,
+            cache: None,
         })
+    }
+
+    /// Also keep blobs read into memory (image configs) in `store`, and look
+    /// there first: a re-fetch then costs no blob request at all.
+    pub fn with_cache(mut self, store: BlobStore) -> Registry {
+        self.cache = Some(store);
+        self
     }
 
     /// Fetch a manifest by tag or digest. With `expected`, the body must hash
@@ -384,6 +394,23 @@ impl Registry {
                 ),
             ));
         }
+        if let Some(store) = &self.cache
+            && store.has(desc)
+            && let Ok(bytes) = std::fs::read(store.path(&desc.digest))
+            && check_bytes(desc, &bytes).is_ok()
+        {
+            return Ok(bytes);
+        }
+        let bytes = self.blob_bytes_from_sources(desc).await?;
+        if let Some(store) = &self.cache {
+            let (s, d, b) = (store.clone(), desc.clone(), bytes.clone());
+            // A cache that cannot be written is no reason to fail the pull.
+            let _ = tokio::task::spawn_blocking(move || s.put(&d, &b)).await;
+        }
+        Ok(bytes)
+    }
+
+    async fn blob_bytes_from_sources(&self, desc: &Descriptor) -> Result<Vec<u8>> {
         let mut last_err = None;
         for ep in &self.endpoints {
             let result = async {
@@ -1012,6 +1039,8 @@ fn connect_hint(e: &reqwest::Error) -> &'static str {
     } else if chain.contains("http2")
         || chain.contains("invalid http version")
         || chain.contains("wrong version number")
+        // rustls, when the server answers in plain HTTP
+        || chain.contains("invalidcontenttype")
     {
         "TLS handshake failed; if the registry speaks plain HTTP, pass --plain-http"
     } else if e.is_timeout() {
@@ -1065,6 +1094,47 @@ mod tests {
         for bad in ["mirror.example", "ftp://x", "https://x/path", "=https://x"] {
             assert!(bad.parse::<Mirror>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn mirrors_of_the_images_registry_come_first_in_order_then_the_origin() {
+        let image = ImageRef::parse("nixos/nix:2.24").unwrap();
+        let opts = RegistryOptions {
+            mirrors: [
+                "https://m1.example",
+                "ghcr.io=https://ghcr-mirror.example",
+                "http://m2.example:5000",
+            ]
+            .iter()
+            .map(|m| m.parse().unwrap())
+            .collect(),
+            ..RegistryOptions::default()
+        };
+        let reg = Registry::new(
+            &image,
+            &opts,
+            Arc::new(crate::progress::Recorder::default()),
+        )
+        .unwrap();
+        assert_eq!(
+            reg.sources(),
+            [
+                "mirror https://m1.example",
+                "mirror http://m2.example:5000",
+                "registry-1.docker.io"
+            ]
+        );
+        let image = ImageRef::parse("ghcr.io/org/img:1").unwrap();
+        let reg = Registry::new(
+            &image,
+            &opts,
+            Arc::new(crate::progress::Recorder::default()),
+        )
+        .unwrap();
+        assert_eq!(
+            reg.sources(),
+            ["mirror https://ghcr-mirror.example", "ghcr.io"]
+        );
     }
 
     #[test]

@@ -53,6 +53,12 @@ pub enum Action {
     Redirect(String),
     /// Relay the answer with one body byte changed (a lying mirror or CDN).
     Corrupt,
+    /// Forward without the Range header (a server that ignores Range).
+    IgnoreRange,
+    /// Forward at once, but hold the answer back this long (a slow link).
+    Delay(Duration),
+    /// Forward this path instead (a mirror that serves something else).
+    Forward(String),
 }
 
 /// One logged exchange.
@@ -191,9 +197,16 @@ fn serve(
         _ => {}
     }
     let mut up = TcpStream::connect(upstream)?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\n");
+    let up_path = match &action {
+        Action::Forward(p) => p.clone(),
+        _ => path.clone(),
+    };
+    let mut req = format!("{method} {up_path} HTTP/1.1\r\n");
     for (k, v) in &headers {
-        if k.eq_ignore_ascii_case("connection") || k.eq_ignore_ascii_case("host") {
+        if k.eq_ignore_ascii_case("connection")
+            || k.eq_ignore_ascii_case("host")
+            || (matches!(action, Action::IgnoreRange) && k.eq_ignore_ascii_case("range"))
+        {
             continue;
         }
         req.push_str(&format!("{k}: {v}\r\n"));
@@ -221,6 +234,9 @@ fn serve(
         head.push_str(&h);
     }
     head.push_str("Connection: close\r\n\r\n");
+    if let Action::Delay(d) = &action {
+        std::thread::sleep(*d);
+    }
     client.write_all(head.as_bytes())?;
     let limit = match action {
         Action::CutAfter(n) | Action::StallAfter(n) => Some(n),
