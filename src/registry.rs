@@ -350,20 +350,12 @@ impl Registry {
 
     /// The digest a tag points at now, from a HEAD request (Docker Hub does
     /// not count HEADs against the pull rate limit), asked of the sources in
-    /// order. `None` when no source says.
+    /// order. `None` when no source says: HEAD is only a shortcut, so its
+    /// failures are left for the GET that follows to report.
     pub async fn head_digest(&self, tag: &str) -> Result<Option<Digest>> {
-        let mut last_err = None;
         for ep in &self.endpoints {
-            let result = self
-                .send(
-                    ep,
-                    Method::HEAD,
-                    &format!("manifests/{tag}"),
-                    None,
-                    "manifest",
-                )
-                .await;
-            match result {
+            let path = format!("manifests/{tag}");
+            match self.send(ep, Method::HEAD, &path, None, "manifest").await {
                 Ok(resp) => {
                     let digest = resp
                         .headers()
@@ -374,13 +366,11 @@ impl Registry {
                         return Ok(digest);
                     }
                 }
-                Err(e) => last_err = Some(self.next_source(ep, e)?),
+                Err(Error::Interrupted) => return Err(Error::Interrupted),
+                Err(_) => {}
             }
         }
-        match last_err {
-            Some(e) if self.endpoints.iter().all(|ep| ep.mirror) => Err(e),
-            _ => Ok(None),
-        }
+        Ok(None)
     }
 
     /// A small blob (an image config) read into memory and verified.
