@@ -637,7 +637,7 @@ fn a_tag_whose_image_dir_already_holds_costs_one_head_and_no_manifest_get() {
 // ------------------------------------------------------------ flaky networks
 
 #[test]
-fn cut_transfers_resume_with_range_and_503s_and_stalls_are_retried() {
+fn dropped_connections_503s_and_stalls_are_retried_and_cut_transfers_resume_with_range() {
     let reg = Registry::start();
     let (img, layers) = nix_image(
         &reg.addr,
@@ -661,7 +661,9 @@ fn cut_transfers_resume_with_range_and_503s_and_stalls_are_retried() {
         if !firsts.lock().unwrap().insert(key) {
             return Action::Pass;
         }
-        if r.is_manifest() || r.path.ends_with(&refused) {
+        if r.is_manifest() {
+            Action::Drop
+        } else if r.path.ends_with(&refused) {
             Action::Status(503, vec![], "busy".into())
         } else if r.path.ends_with(&cut) {
             Action::CutAfter(250_000)
@@ -705,6 +707,8 @@ fn cut_transfers_resume_with_range_and_503s_and_stalls_are_retried() {
     for l in &layers[2..4] {
         assert_eq!(served(&seen, &l.digest), l.bytes.len() as u64);
     }
+    let manifest_gets: Vec<_> = seen.iter().filter(|s| s.request.is_manifest()).collect();
+    assert_eq!(manifest_gets.len(), 2, "one dropped, one retried");
     assert!(env.join("out/nix/store").is_dir());
 }
 
@@ -869,6 +873,46 @@ fn the_cache_serves_a_new_dir_and_a_new_image_downloads_only_its_new_layers() {
     );
     eprintln!(
         "cache figure: a new image sharing 3 of 4 layers downloaded {third} blob bytes ({new_layer} for its new layer, {config} for its config)"
+    );
+}
+
+#[test]
+fn a_corrupted_cached_blob_is_caught_on_reuse_and_downloaded_again() {
+    let reg = Registry::start();
+    let (img, layers) = nix_image(&reg.addr, "pub/nix", "v1", &[(1, 100_000)]);
+    let proxy = Proxy::start("127.0.0.1", &reg.addr, |_| Action::Pass);
+    let env = TestEnv::new();
+    let reference = format!("{}/pub/nix@{}", proxy.addr, img.digest);
+    assert_ok(&run(
+        &env,
+        &["fetch", "--plain-http", "-q", &reference, "-o", "a"],
+    ));
+    let digest = &layers[1].digest;
+    let cached = env
+        .join("cache/hydrafy/blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    let mut bytes = std::fs::read(&cached).unwrap();
+    bytes[5000] ^= 0xff;
+    std::fs::write(&cached, bytes).unwrap();
+    let before = served(&proxy.seen(), digest);
+
+    let out = run(&env, &["fetch", "--plain-http", &reference, "-o", "b"]);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains(&format!(
+            "cached blob {digest} was corrupt; downloading it again"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        served(&proxy.seen(), digest) - before,
+        layers[1].bytes.len() as u64
+    );
+    assert_eq!(std::fs::read(&cached).unwrap(), layers[1].bytes);
+    assert_eq!(
+        fingerprint(&env.join("a/nix/store")),
+        fingerprint(&env.join("b/nix/store"))
     );
 }
 

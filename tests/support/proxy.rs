@@ -59,6 +59,8 @@ pub enum Action {
     Delay(Duration),
     /// Forward this path instead (a mirror that serves something else).
     Forward(String),
+    /// Close the connection without answering (a reset before any response).
+    Drop,
 }
 
 /// One logged exchange.
@@ -184,6 +186,10 @@ fn serve(
                 client.write_all(body.as_bytes())?;
             }
             record(code, 0);
+            return Ok(());
+        }
+        Action::Drop => {
+            record(0, 0);
             return Ok(());
         }
         Action::Redirect(location) => {
