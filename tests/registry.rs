@@ -173,7 +173,7 @@ fn token_auth_gets_a_pull_token_anonymously_and_renews_it_before_it_expires() {
         );
         assert_eq!(t.granted, ["repository:pub/nix:pull"]);
     }
-    let seen = proxy.seen();
+    let seen = proxy.seen_settled();
     let with_token: Vec<_> = seen
         .iter()
         .filter(|s| {
@@ -300,7 +300,7 @@ fn token_auth_sends_config_json_credentials_to_the_realm_and_never_to_the_regist
     let last = issuer.requests().pop().unwrap();
     assert_eq!(last.user.as_deref(), Some("hydrafy"));
     assert_eq!(last.granted, ["repository:private/nix:pull"]);
-    for s in proxy.seen() {
+    for s in proxy.seen_settled() {
         let auth = s.request.header("authorization").unwrap_or("");
         assert!(
             !auth.starts_with("Basic"),
@@ -487,7 +487,7 @@ fn blob_redirects_to_a_cdn_are_followed_without_the_registrys_authorization() {
             "the registry request carried the token"
         );
     }
-    let at_cdn = cdn.seen();
+    let at_cdn = cdn.seen_settled();
     for l in &layers {
         assert_eq!(
             served(&at_cdn, &l.digest),
@@ -605,7 +605,7 @@ fn a_tag_whose_image_dir_already_holds_costs_one_head_and_no_manifest_get() {
         ],
     ));
     let before = fingerprint(&env.join("out"));
-    let already = proxy.seen().len();
+    let already = proxy.seen_settled().len();
 
     let out = run(
         &env,
@@ -624,7 +624,7 @@ fn a_tag_whose_image_dir_already_holds_costs_one_head_and_no_manifest_get() {
         stderr(&out).contains(&img.digest),
         "the digest to pin is printed"
     );
-    let seen: Vec<_> = proxy.seen().into_iter().skip(already).collect();
+    let seen: Vec<_> = proxy.seen_settled().into_iter().skip(already).collect();
     let heads = seen
         .iter()
         .filter(|s| s.request.method == "HEAD" && s.request.is_manifest())
@@ -683,7 +683,7 @@ fn dropped_connections_503s_and_stalls_are_retried_and_cut_transfers_resume_with
         .output()
         .unwrap();
     assert_ok(&out);
-    let seen = proxy.seen();
+    let seen = proxy.seen_settled();
 
     let size = layers[1].bytes.len() as u64;
     let cut = &layers[1].digest;
@@ -734,7 +734,7 @@ fn a_server_that_ignores_range_is_restarted_from_zero_and_still_verified() {
         &env,
         &["fetch", "--plain-http", "-q", &reference, "-o", "out"],
     ));
-    let seen = proxy.seen();
+    let seen = proxy.seen_settled();
     let gets = blob_gets(&seen, &layers[1].digest);
     assert_eq!(gets.len(), 2);
     assert_eq!(
@@ -795,7 +795,7 @@ fn a_download_killed_mid_blob_resumes_where_it_stopped_in_the_next_run() {
         "{}",
         stderr(&out)
     );
-    let seen = proxy.seen();
+    let seen = proxy.seen_settled();
     let gets = blob_gets(&seen, &digest);
     assert_eq!(gets.len(), 2, "{gets:?}");
     assert_eq!(gets[1].request.header("range"), Some("bytes=300000-"));
@@ -829,7 +829,7 @@ fn the_cache_serves_a_new_dir_and_a_new_image_downloads_only_its_new_layers() {
             .sum()
     };
     let fetch = |image: &Pushed, dir: &str| -> (Output, u64) {
-        let before = proxy.seen().len();
+        let before = proxy.seen_settled().len();
         let out = run(
             &env,
             &[
@@ -842,7 +842,7 @@ fn the_cache_serves_a_new_dir_and_a_new_image_downloads_only_its_new_layers() {
             ],
         );
         assert_ok(&out);
-        let seen: Vec<_> = proxy.seen().into_iter().skip(before).collect();
+        let seen: Vec<_> = proxy.seen_settled().into_iter().skip(before).collect();
         (out, blob_bytes(&seen))
     };
 
@@ -894,7 +894,7 @@ fn a_corrupted_cached_blob_is_caught_on_reuse_and_downloaded_again() {
     let mut bytes = std::fs::read(&cached).unwrap();
     bytes[5000] ^= 0xff;
     std::fs::write(&cached, bytes).unwrap();
-    let before = served(&proxy.seen(), digest);
+    let before = served(&proxy.seen_settled(), digest);
 
     let out = run(&env, &["fetch", "--plain-http", &reference, "-o", "b"]);
     assert_ok(&out);
@@ -906,7 +906,7 @@ fn a_corrupted_cached_blob_is_caught_on_reuse_and_downloaded_again() {
         stderr(&out)
     );
     assert_eq!(
-        served(&proxy.seen(), digest) - before,
+        served(&proxy.seen_settled(), digest) - before,
         layers[1].bytes.len() as u64
     );
     assert_eq!(std::fs::read(&cached).unwrap(), layers[1].bytes);
@@ -951,7 +951,7 @@ fn two_runs_at_once_on_one_cache_both_succeed_and_download_each_layer_once() {
         fingerprint(&env.join("a/nix/store")),
         fingerprint(&env.join("b/nix/store"))
     );
-    let seen = proxy.seen();
+    let seen = proxy.seen_settled();
     for l in &layers {
         assert_eq!(
             served(&seen, &l.digest),
@@ -1080,7 +1080,7 @@ fn a_pull_through_mirror_is_tried_first_and_a_lying_one_is_skipped() {
         "{err}"
     );
     // The mirror served the manifest and all but the lying layer.
-    let from_mirror = at_mirror.seen();
+    let from_mirror = at_mirror.seen_settled();
     assert!(
         from_mirror
             .iter()
@@ -1193,7 +1193,11 @@ fn http_proxy_from_the_environment_carries_the_requests_and_no_proxy_bypasses_it
         .output()
         .unwrap();
     assert_ok(&out);
-    let paths: Vec<_> = forward.seen().into_iter().map(|s| s.request.path).collect();
+    let paths: Vec<_> = forward
+        .seen_settled()
+        .into_iter()
+        .map(|s| s.request.path)
+        .collect();
     let prefix = format!("http://{}/v2/pub/nix/", reg.addr);
     assert!(
         paths
@@ -1209,7 +1213,7 @@ fn http_proxy_from_the_environment_carries_the_requests_and_no_proxy_bypasses_it
     );
     assert!(paths.iter().all(|p| p.starts_with(&prefix)), "{paths:?}");
 
-    let before = forward.seen().len();
+    let before = forward.seen_settled().len();
     let out = hydrafy(&env)
         .env("HTTP_PROXY", format!("http://{}", forward.addr))
         .env("NO_PROXY", "127.0.0.1")
@@ -1225,5 +1229,5 @@ fn http_proxy_from_the_environment_carries_the_requests_and_no_proxy_bypasses_it
         .output()
         .unwrap();
     assert_ok(&out);
-    assert_eq!(forward.seen().len(), before, "NO_PROXY is honoured");
+    assert_eq!(forward.seen_settled().len(), before, "NO_PROXY is honoured");
 }

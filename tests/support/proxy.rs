@@ -77,6 +77,8 @@ pub struct Proxy {
     pub addr: String,
     pub log: Arc<Mutex<Vec<Seen>>>,
     stop: Arc<AtomicBool>,
+    /// Exchanges still being served (logged only when they end).
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Proxy {
@@ -92,9 +94,11 @@ impl Proxy {
         let stop = Arc::new(AtomicBool::new(false));
         let rule: Arc<Rule> = Arc::new(rule);
         let counter = Arc::new(AtomicUsize::new(0));
+        let in_flight = Arc::new(AtomicUsize::new(0));
         let upstream = upstream.to_string();
         {
-            let (log, stop) = (Arc::clone(&log), Arc::clone(&stop));
+            let (log, stop, in_flight) =
+                (Arc::clone(&log), Arc::clone(&stop), Arc::clone(&in_flight));
             std::thread::spawn(move || {
                 for conn in listener.incoming() {
                     if stop.load(Ordering::Relaxed) {
@@ -108,18 +112,43 @@ impl Proxy {
                         upstream.clone(),
                         Arc::clone(&stop),
                     );
+                    in_flight.fetch_add(1, Ordering::SeqCst);
+                    let in_flight = Arc::clone(&in_flight);
                     std::thread::spawn(move || {
-                        let _ = serve(conn, &upstream, &*rule, &counter, &log, &stop);
+                        let logged = AtomicBool::new(false);
+                        let _ = serve(conn, &upstream, &*rule, &counter, &log, &stop, &|| {
+                            logged.store(true, Ordering::SeqCst);
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
+                        });
+                        if !logged.load(Ordering::SeqCst) {
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
+                        }
                     });
                 }
             });
         }
-        Proxy { addr, log, stop }
+        Proxy {
+            addr,
+            log,
+            stop,
+            in_flight,
+        }
     }
 
     /// Everything logged so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Everything logged once the exchanges in progress have ended (a client
+    /// may exit before the proxy thread logs the answer it relayed). Gives up
+    /// waiting after a few seconds (a stalled exchange never ends).
+    pub fn seen_settled(&self) -> Vec<Seen> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while self.in_flight.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.seen()
     }
 }
 
@@ -137,6 +166,7 @@ fn serve(
     counter: &AtomicUsize,
     log: &Mutex<Vec<Seen>>,
     stop: &AtomicBool,
+    logged: &dyn Fn(),
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     let mut client = client;
@@ -170,6 +200,7 @@ fn serve(
             status,
             body_bytes,
         });
+        logged();
     };
     match action {
         Action::Status(code, extra, body) => {
