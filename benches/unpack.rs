@@ -26,7 +26,7 @@ use hydrafy::unpack::{LayerInput, unpack};
 /// A Nix-like layer: one store path of `files` files with text-like content.
 fn layer(files: usize) -> (Vec<u8>, Digest) {
     let mut tar = tar::Builder::new(Vec::new());
-    let mut add_dir = |tar: &mut tar::Builder<Vec<u8>>, path: &str| {
+    let add_dir = |tar: &mut tar::Builder<Vec<u8>>, path: &str| {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Directory);
         h.set_uid(0);

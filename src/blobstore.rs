@@ -2,15 +2,25 @@
 //!
 //! It serves as the download cache (`~/.cache/hydrafy`) and, because the
 //! layout is the OCI image layout's, as the blob half of `pull`'s output.
-//! A blob is written to a private temporary file while it is hashed, and it
-//! gets its final name only after digest and size both match its descriptor:
+//!
+//! A blob is written to `tmp/<hex>.partial` while it is hashed, and it gets
+//! its final name only after digest and size both match its descriptor:
 //! nothing unverified ever has a final name, and a reader never sees a torn
-//! file. Two processes filling one store at once both succeed: the rename is
-//! atomic and the content under a name is fixed by the name.
+//! file. The partial file is named by the digest, not by the process, so a
+//! download that a run did not finish (network gone, Ctrl-C, SIGKILL, power
+//! loss) is continued by the next run from the bytes already on disk; those
+//! bytes are re-hashed from disk before the download resumes, and the whole
+//! blob is verified at the end as always. Whoever writes a partial file holds
+//! an exclusive `flock` on it, so two hydrafy runs sharing a cache never write
+//! one file at once: the second waits, then finds the blob the first one
+//! committed.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{FlockOperation, flock};
 
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result};
@@ -20,6 +30,25 @@ use crate::manifest::Descriptor;
 #[derive(Clone, Debug)]
 pub struct BlobStore {
     root: PathBuf,
+}
+
+/// The outcome of [`BlobStore::try_claim`].
+pub enum Claim {
+    /// The right to write the blob, resuming from [`BlobWriter::len`] bytes.
+    Writer(Box<BlobWriter>),
+    /// Another process is writing this blob now; try again later.
+    Busy,
+}
+
+/// What a cache holds, for `hydrafy cache du`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    /// Verified blobs and their total size.
+    pub blobs: u64,
+    pub blob_bytes: u64,
+    /// Unfinished downloads kept for resuming, and their total size.
+    pub partials: u64,
+    pub partial_bytes: u64,
 }
 
 impl BlobStore {
@@ -53,6 +82,13 @@ impl BlobStore {
         self.root.join("blobs/sha256").join(digest.hex())
     }
 
+    /// Where an unfinished download of `digest` is kept.
+    pub fn partial_path(&self, digest: &Digest) -> PathBuf {
+        self.root
+            .join("tmp")
+            .join(format!("{}.partial", digest.hex()))
+    }
+
     /// Is a blob of the descriptor's size present? (Content is checked by [`BlobStore::verify`].)
     pub fn has(&self, desc: &Descriptor) -> bool {
         fs::symlink_metadata(self.path(&desc.digest))
@@ -63,22 +99,12 @@ impl BlobStore {
     /// download replaces it, and `false` is returned.
     pub fn verify(&self, desc: &Descriptor) -> Result<bool> {
         let path = self.path(&desc.digest);
-        let mut file = match File::open(&path) {
+        let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(Error::io(&path, "cannot open cached blob", e)),
         };
-        let mut hasher = Hasher::default();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file
-                .read(&mut buf)
-                .map_err(|e| Error::io(&path, "cannot read cached blob", e))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
+        let hasher = hash_file(file, &path, "cannot read cached blob")?;
         let ok = hasher.len() == desc.size && hasher.finish() == desc.digest;
         if !ok {
             let _ = fs::remove_file(&path);
@@ -86,26 +112,70 @@ impl BlobStore {
         Ok(ok)
     }
 
-    /// Start writing the blob `desc` describes.
+    /// Take the right to write the blob `desc` describes, without waiting.
+    ///
+    /// The writer continues the partial file an earlier run left, after
+    /// re-hashing it (a partial longer than the blob is discarded). `Busy`
+    /// means another process holds the partial now.
+    pub fn try_claim(&self, desc: &Descriptor) -> Result<Claim> {
+        let partial = self.partial_path(&desc.digest);
+        loop {
+            let mut file = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&partial)
+                .map_err(|e| Error::io(&partial, "cannot create temporary blob", e))?;
+            match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::WOULDBLOCK) => return Ok(Claim::Busy),
+                Err(e) => {
+                    return Err(Error::io(&partial, "cannot lock temporary blob", e.into()));
+                }
+            }
+            // While this process waited, the holder may have committed the
+            // file (renamed it to its final name) or removed it: the lock is
+            // then on an inode that is no longer the partial. Start over.
+            let held = file
+                .metadata()
+                .map_err(|e| Error::io(&partial, "cannot inspect temporary blob", e))?;
+            let current = fs::symlink_metadata(&partial).ok();
+            if current.is_none_or(|m| m.ino() != held.ino() || m.dev() != held.dev()) {
+                continue;
+            }
+            let mut hasher = hash_file(&mut file, &partial, "cannot read temporary blob")?;
+            if hasher.len() > desc.size {
+                rewind_to_zero(&mut file, &partial)?;
+                hasher = Hasher::default();
+            }
+            file.seek(io::SeekFrom::End(0))
+                .map_err(|e| Error::io(&partial, "cannot seek temporary blob", e))?;
+            let resumed = hasher.len();
+            return Ok(Claim::Writer(Box::new(BlobWriter {
+                file,
+                partial,
+                dest: self.path(&desc.digest),
+                desc: desc.clone(),
+                hasher,
+                resumed,
+                committed: false,
+            })));
+        }
+    }
+
+    /// Start writing the blob `desc` describes from its first byte, waiting
+    /// for another process that writes it now.
     pub fn writer(&self, desc: &Descriptor) -> Result<BlobWriter> {
-        let tmp = self.root.join("tmp").join(format!(
-            "{}.{}.{}.partial",
-            desc.digest.hex(),
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        let file = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| Error::io(&tmp, "cannot create temporary blob", e))?;
-        Ok(BlobWriter {
-            file: Some(file),
-            tmp,
-            dest: self.path(&desc.digest),
-            desc: desc.clone(),
-            hasher: Hasher::default(),
-        })
+        loop {
+            match self.try_claim(desc)? {
+                Claim::Writer(mut w) => {
+                    w.restart()?;
+                    return Ok(*w);
+                }
+                Claim::Busy => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        }
     }
 
     /// Write a blob held in memory (manifests, configs, `index.json` peers).
@@ -114,15 +184,109 @@ impl BlobStore {
         w.write(bytes)?;
         w.commit()
     }
+
+    /// How many blobs and unfinished downloads the store holds, and their size.
+    pub fn usage(&self) -> Result<Usage> {
+        let mut usage = Usage::default();
+        for (dir, partial) in [
+            (self.root.join("blobs/sha256"), false),
+            (self.root.join("tmp"), true),
+        ] {
+            for (_, meta) in files_in(&dir)? {
+                if partial {
+                    usage.partials += 1;
+                    usage.partial_bytes += meta.len();
+                } else {
+                    usage.blobs += 1;
+                    usage.blob_bytes += meta.len();
+                }
+            }
+        }
+        Ok(usage)
+    }
+
+    /// Remove every blob and every unfinished download no process is
+    /// writing now. Returns what was removed and what was left (in use).
+    pub fn clear(&self) -> Result<(Usage, Usage)> {
+        let mut removed = Usage::default();
+        let mut kept = Usage::default();
+        for (path, meta) in files_in(&self.root.join("blobs/sha256"))? {
+            fs::remove_file(&path).map_err(|e| Error::io(&path, "cannot remove cached blob", e))?;
+            removed.blobs += 1;
+            removed.blob_bytes += meta.len();
+        }
+        for (path, meta) in files_in(&self.root.join("tmp"))? {
+            // A partial some run is writing stays: removing it under that run
+            // would fail its download.
+            let in_use = File::open(&path)
+                .map(|f| flock(&f, FlockOperation::NonBlockingLockExclusive).is_err())
+                .unwrap_or(false);
+            if in_use {
+                kept.partials += 1;
+                kept.partial_bytes += meta.len();
+                continue;
+            }
+            fs::remove_file(&path)
+                .map_err(|e| Error::io(&path, "cannot remove unfinished download", e))?;
+            removed.partials += 1;
+            removed.partial_bytes += meta.len();
+        }
+        Ok((removed, kept))
+    }
+}
+
+/// The regular files directly in `dir` (none if it does not exist).
+fn files_in(dir: &Path) -> Result<Vec<(PathBuf, fs::Metadata)>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(dir, "cannot list blob directory", e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, "cannot list blob directory", e))?;
+        if let Ok(meta) = fs::symlink_metadata(entry.path())
+            && meta.is_file()
+        {
+            out.push((entry.path(), meta));
+        }
+    }
+    Ok(out)
+}
+
+fn hash_file(mut file: impl Read, path: &Path, action: &'static str) -> Result<Hasher> {
+    let mut hasher = Hasher::default();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| Error::io(path, action, e))?;
+        if n == 0 {
+            return Ok(hasher);
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+fn rewind_to_zero(file: &mut File, path: &Path) -> Result<()> {
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .map_err(|e| Error::io(path, "cannot truncate temporary blob", e))
 }
 
 /// A blob on its way into a [`BlobStore`]: hashed as written, named on commit.
+///
+/// It holds the partial file's lock until it is dropped. Dropped without a
+/// commit, it leaves what it wrote for the next run to resume (an empty
+/// partial is removed).
 pub struct BlobWriter {
-    file: Option<File>,
-    tmp: PathBuf,
+    file: File,
+    partial: PathBuf,
     dest: PathBuf,
     desc: Descriptor,
     hasher: Hasher,
+    resumed: u64,
+    committed: bool,
 }
 
 impl BlobWriter {
@@ -138,67 +302,83 @@ impl BlobWriter {
             });
         }
         self.hasher.update(bytes);
-        let file = self.file.as_mut().expect("writer used after commit");
-        file.write_all(bytes)
-            .map_err(|e| Error::io(&self.tmp, "cannot write temporary blob", e))
+        self.file
+            .write_all(bytes)
+            .map_err(|e| Error::io(&self.partial, "cannot write temporary blob", e))
     }
 
-    /// Bytes written so far.
+    /// Bytes held so far (including those found on disk when claimed).
     pub fn len(&self) -> u64 {
         self.hasher.len()
     }
 
-    /// True before any byte was written.
+    /// True when no byte is held.
     pub fn is_empty(&self) -> bool {
         self.hasher.is_empty()
     }
 
+    /// How many bytes an earlier run had left when this writer was claimed.
+    pub fn resumed(&self) -> u64 {
+        self.resumed
+    }
+
     /// Drop what was written and start again from zero (a server ignored a
-    /// range request and sent the whole blob).
+    /// range request and sent the whole blob, or the bytes did not verify).
     pub fn restart(&mut self) -> Result<()> {
-        let file = self.file.as_mut().expect("writer used after commit");
-        file.set_len(0)
-            .and_then(|()| io::Seek::rewind(file))
-            .map_err(|e| Error::io(&self.tmp, "cannot truncate temporary blob", e))?;
+        rewind_to_zero(&mut self.file, &self.partial)?;
         self.hasher = Hasher::default();
+        self.resumed = 0;
         Ok(())
     }
 
-    /// Check size and digest; on success give the blob its final name.
-    pub fn commit(mut self) -> Result<PathBuf> {
-        let file = self.file.take().expect("writer committed twice");
-        drop(file);
-        let hasher = std::mem::take(&mut self.hasher);
-        let len = hasher.len();
-        if len != self.desc.size {
-            return Err(Error::SizeMismatch {
+    /// Check size and digest; on success give the blob its final name. On a
+    /// mismatch the bytes are discarded (the writer is back at zero, still
+    /// held) and the error says what was wrong.
+    pub fn commit(&mut self) -> Result<PathBuf> {
+        assert!(!self.committed, "blob writer committed twice");
+        let len = self.hasher.len();
+        let check = if len != self.desc.size {
+            Err(Error::SizeMismatch {
                 what: "blob",
                 digest: self.desc.digest,
                 expected: self.desc.size,
                 found: len,
                 truncated: false,
-            });
+            })
+        } else {
+            let found = self.hasher.clone().finish();
+            if found == self.desc.digest {
+                Ok(())
+            } else {
+                Err(Error::DigestMismatch {
+                    what: "blob",
+                    expected: self.desc.digest,
+                    found,
+                    hint: "the registry, a mirror or a proxy served different bytes than the image names",
+                })
+            }
+        };
+        if let Err(e) = check {
+            self.restart()?;
+            return Err(e);
         }
-        let found = hasher.finish();
-        if found != self.desc.digest {
-            return Err(Error::DigestMismatch {
-                what: "blob",
-                expected: self.desc.digest,
-                found,
-                hint: "the registry, a mirror or a proxy served different bytes than the image names",
-            });
-        }
-        fs::rename(&self.tmp, &self.dest)
+        // Data before name: a crash must never leave a named blob with holes.
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(&self.partial, "cannot flush temporary blob", e))?;
+        fs::rename(&self.partial, &self.dest)
             .map_err(|e| Error::io(&self.dest, "cannot store verified blob", e))?;
+        self.committed = true;
         Ok(self.dest.clone())
     }
 }
 
 impl Drop for BlobWriter {
     fn drop(&mut self) {
-        // Not committed (or commit failed): the temporary file must not linger.
-        if self.tmp.exists() {
-            let _ = fs::remove_file(&self.tmp);
+        // Still locked here: an empty partial is noise, anything else is kept
+        // for the next run to resume. The lock goes with the file.
+        if !self.committed && self.hasher.is_empty() {
+            let _ = fs::remove_file(&self.partial);
         }
     }
 }
@@ -264,5 +444,74 @@ mod tests {
         fs::write(store.path(&d.digest), b"CONTENT").unwrap();
         assert!(!store.verify(&d).unwrap());
         assert!(!store.path(&d.digest).exists());
+    }
+
+    fn claim(store: &BlobStore, d: &Descriptor) -> BlobWriter {
+        match store.try_claim(d).unwrap() {
+            Claim::Writer(w) => *w,
+            Claim::Busy => panic!("claim is busy"),
+        }
+    }
+
+    #[test]
+    fn an_unfinished_download_is_kept_and_resumed_after_rehashing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(tmp.path()).unwrap();
+        let d = desc(b"0123456789");
+        let mut w = claim(&store, &d);
+        w.write(b"01234").unwrap();
+        drop(w);
+        assert_eq!(fs::read(store.partial_path(&d.digest)).unwrap(), b"01234");
+        let mut w = claim(&store, &d);
+        assert_eq!((w.len(), w.resumed()), (5, 5));
+        w.write(b"56789").unwrap();
+        w.commit().unwrap();
+        assert_eq!(fs::read(store.path(&d.digest)).unwrap(), b"0123456789");
+        assert!(!store.partial_path(&d.digest).exists());
+    }
+
+    #[test]
+    fn a_corrupt_partial_fails_the_commit_and_is_discarded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(tmp.path()).unwrap();
+        let d = desc(b"0123456789");
+        fs::write(store.partial_path(&d.digest), b"XXXXX").unwrap();
+        let mut w = claim(&store, &d);
+        assert_eq!(w.resumed(), 5);
+        w.write(b"56789").unwrap();
+        assert!(matches!(w.commit(), Err(Error::DigestMismatch { .. })));
+        assert_eq!(w.len(), 0, "the bad bytes are gone");
+        drop(w);
+        assert!(!store.partial_path(&d.digest).exists());
+        assert!(!store.path(&d.digest).exists());
+
+        // Longer than the blob: not a prefix of it, start from zero.
+        fs::write(store.partial_path(&d.digest), b"0123456789AB").unwrap();
+        assert_eq!(claim(&store, &d).len(), 0);
+    }
+
+    #[test]
+    fn a_partial_being_written_is_busy_for_everyone_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(tmp.path()).unwrap();
+        let d = desc(b"content");
+        let mut w = claim(&store, &d);
+        w.write(b"con").unwrap();
+        // flock locks are per open file description: a second open is another owner.
+        assert!(matches!(store.try_claim(&d).unwrap(), Claim::Busy));
+        let (removed, kept) = store.clear().unwrap();
+        assert_eq!((removed.partials, kept.partials), (0, 1));
+        w.write(b"tent").unwrap();
+        w.commit().unwrap();
+        drop(w);
+        // Committed: a waiter that claims now finds a fresh, empty partial.
+        let again = claim(&store, &d);
+        assert_eq!(again.len(), 0);
+        drop(again);
+        let usage = store.usage().unwrap();
+        assert_eq!((usage.blobs, usage.blob_bytes, usage.partials), (1, 7, 0));
+        let (removed, _) = store.clear().unwrap();
+        assert_eq!(removed.blobs, 1);
+        assert_eq!(store.usage().unwrap(), Usage::default());
     }
 }

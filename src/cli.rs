@@ -4,6 +4,7 @@
 //! a bad value is an exit-2 usage error before any work starts.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -45,6 +46,8 @@ pub enum Command {
     /// tar) into DIR, with the same checks as fetch and no network at all.
     #[command(after_help = EXIT_CODES)]
     Extract(ExtractArgs),
+    /// Show or clear the blob cache ($XDG_CACHE_HOME/hydrafy, default ~/.cache/hydrafy).
+    Cache(CacheArgs),
 }
 
 /// `hydrafy pull`.
@@ -89,6 +92,29 @@ pub struct ExtractArgs {
     pub output: OutputArgs,
     #[command(flatten)]
     pub report: ReportArgs,
+}
+
+/// `hydrafy cache`.
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    pub action: CacheAction,
+}
+
+/// What to do with the cache.
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// Print the cache directory.
+    Path,
+    /// Print how many verified blobs and unfinished downloads the cache holds, and their size.
+    Du {
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every cached blob and unfinished download (those a running
+    /// hydrafy is writing are left alone).
+    Clear,
 }
 
 /// `hydrafy fetch`.
@@ -144,6 +170,14 @@ pub struct RegistryArgs {
     /// HOST. Repeatable; mirrors are tried in order, then the origin.
     #[arg(long, value_name = "[HOST=]URL")]
     pub mirror: Vec<String>,
+    /// Hidden: the first retry delay in milliseconds (doubled per attempt).
+    /// The test suite shortens it so that retries do not slow it down.
+    #[arg(long, hide = true, env = "HYDRAFY_RETRY_BACKOFF_MS", value_name = "MS")]
+    pub retry_backoff_ms: Option<u64>,
+    /// Hidden: give up on a connection silent for this many milliseconds
+    /// (default 60000). The test suite shortens it to stage stalled transfers.
+    #[arg(long, hide = true, env = "HYDRAFY_READ_TIMEOUT_MS", value_name = "MS")]
+    pub read_timeout_ms: Option<u64>,
 }
 
 /// What is printed.
@@ -176,27 +210,41 @@ impl RegistryArgs {
             .iter()
             .map(|m| m.parse::<Mirror>())
             .collect::<Result<Vec<_>>>()?;
+        let defaults = RegistryOptions::default();
         Ok(RegistryOptions {
             plain_http: self.plain_http,
             ca_certs: self.ca_cert.clone(),
             mirrors,
-            ..RegistryOptions::default()
+            backoff: self
+                .retry_backoff_ms
+                .map_or(defaults.backoff, Duration::from_millis),
+            read_timeout: self
+                .read_timeout_ms
+                .filter(|ms| *ms > 0)
+                .map_or(defaults.read_timeout, Duration::from_millis),
+            ..defaults
         })
     }
 }
 
-/// The blob cache directory, or `None` with `--no-cache`.
-fn cache_dir(no_cache: bool) -> Result<Option<PathBuf>> {
-    if no_cache {
-        return Ok(None);
-    }
-    BlobStore::default_cache_dir().map(Some).ok_or_else(|| {
+/// The cache directory, or why there is none.
+pub fn cache_dir() -> Result<PathBuf> {
+    BlobStore::default_cache_dir().ok_or_else(|| {
         Error::invalid(
             "environment",
             "HOME",
             "neither XDG_CACHE_HOME nor HOME is set; pass --no-cache",
         )
     })
+}
+
+/// The blob cache directory, or `None` with `--no-cache`.
+fn cache_option(no_cache: bool) -> Result<Option<PathBuf>> {
+    if no_cache {
+        Ok(None)
+    } else {
+        cache_dir().map(Some)
+    }
 }
 
 impl PullArgs {
@@ -208,7 +256,7 @@ impl PullArgs {
             platform: self.platform.as_deref().map(str::parse).transpose()?,
             all_platforms: self.all_platforms,
             registry: self.registry.options()?,
-            cache: cache_dir(self.no_cache)?,
+            cache: cache_option(self.no_cache)?,
             jobs: usize::from(self.jobs),
             checksum: self.checksum.clone(),
         })
@@ -236,7 +284,7 @@ impl ExtractArgs {
 impl FetchArgs {
     /// Validated fetch options.
     pub fn options(&self) -> Result<FetchOptions> {
-        let cache = cache_dir(self.no_cache)?;
+        let cache = cache_option(self.no_cache)?;
         Ok(FetchOptions {
             image: self.image.clone(),
             output: self.output.output.clone(),

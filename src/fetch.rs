@@ -257,9 +257,34 @@ pub async fn fetch(
         ));
         return Ok(summary);
     }
+    let mut registry = Registry::new(&image, &opts.registry, Arc::clone(&reporter))?;
+    if let Some(dir) = &opts.cache {
+        registry = registry.with_cache(BlobStore::open(dir)?);
+    }
+    // A tag alone, and DIR holds an image: one HEAD says whether it is this
+    // one, without a manifest GET (the request Docker Hub's rate limit counts).
+    if image.digest.is_none() && matches!(out.holding(), Holding::State(_)) {
+        let tag = image.manifest_ref();
+        let head = tokio::select! {
+            r = registry.head_digest(&tag) => r?,
+            () = cancel.cancelled() => return Err(Error::Interrupted),
+        };
+        if let Some(digest) = head
+            && let Some(summary) = already_holds(&out, layout, &digest, &platform, start)?
+        {
+            reporter.warn(&format!(
+                "{image} is not pinned; it points at {digest}; pin it as {} so every runner gets the same store",
+                image.pinned(digest)
+            ));
+            reporter.info(&format!(
+                "{} already holds it; nothing to do",
+                out.dir().display()
+            ));
+            return Ok(summary);
+        }
+    }
     out.check_overwrite(opts.existing, &image.to_string())?;
 
-    let registry = Registry::new(&image, &opts.registry, Arc::clone(&reporter))?;
     let resolved = tokio::select! {
         r = resolve(&registry, &image, &platform, opts.platform.is_some(), &*reporter) => r?,
         () = cancel.cancelled() => return Err(Error::Interrupted),

@@ -13,8 +13,8 @@
 //! |---|---|
 //! | [`reference`], [`digest`], [`platform`] | what the user names, parsed and validated |
 //! | [`manifest`] | manifests, indexes, configs, media types |
-//! | [`registry`], [`credentials`] | the distribution API, auth, retries, mirrors |
-//! | [`blobstore`] | verified content-addressed blobs (the cache) |
+//! | [`registry`], [`auth`], [`credentials`] | the distribution API, token auth, retries, mirrors |
+//! | [`blobstore`], [`cache`] | verified content-addressed blobs (the cache), `hydrafy cache` |
 //! | [`decompress`] | gzip/zstd/plain by media type and magic bytes |
 //! | [`fsroot`], [`apply`] | chroot-like path resolution and layer application |
 //! | [`unpack`] | the decode/apply pipeline across two threads |
@@ -24,7 +24,9 @@
 //! | [`progress`], [`cancel`], [`cli`], [`error`] | the user interface around it |
 
 pub mod apply;
+pub mod auth;
 pub mod blobstore;
+pub mod cache;
 pub mod cancel;
 pub mod cli;
 pub mod credentials;

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use hydrafy::cache;
 use hydrafy::cancel::Cancel;
-use hydrafy::cli::{Cli, Command};
+use hydrafy::cli::{CacheAction, Cli, Command};
 use hydrafy::error::report;
 use hydrafy::progress::{Progress, Reporter, Style};
 
@@ -58,6 +59,16 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
             };
             progress.finish();
             finish(result, args.report.json)
+        }
+        Command::Cache(args) => {
+            let action = match args.action {
+                CacheAction::Path => cache::Action::Path,
+                CacheAction::Du { json } => cache::Action::Du { json },
+                CacheAction::Clear => cache::Action::Clear,
+            };
+            let result = hydrafy::cli::cache_dir()
+                .and_then(|dir| cache::run(action, &dir, &mut std::io::stdout().lock()));
+            finish(result, false)
         }
     }
 }

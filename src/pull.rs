@@ -87,11 +87,11 @@ pub async fn pull(
         });
     }
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
-    let registry = Arc::new(Registry::new(
-        &image,
-        &opts.registry,
-        Arc::clone(&reporter),
-    )?);
+    let mut registry = Registry::new(&image, &opts.registry, Arc::clone(&reporter))?;
+    if let Some(dir) = &opts.cache {
+        registry = registry.with_cache(BlobStore::open(dir)?);
+    }
+    let registry = Arc::new(registry);
     let name = image.to_string();
 
     let top_ref = image.manifest_ref();

@@ -4,3 +4,4 @@ mod support;
 
 mod airgap;
 mod fetch;
+mod registry;

@@ -7,6 +7,8 @@ pub mod image;
 pub mod nix;
 pub mod proxy;
 pub mod registry;
+pub mod tls;
+pub mod token;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;

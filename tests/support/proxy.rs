@@ -53,6 +53,14 @@ pub enum Action {
     Redirect(String),
     /// Relay the answer with one body byte changed (a lying mirror or CDN).
     Corrupt,
+    /// Forward without the Range header (a server that ignores Range).
+    IgnoreRange,
+    /// Forward at once, but hold the answer back this long (a slow link).
+    Delay(Duration),
+    /// Forward this path instead (a mirror that serves something else).
+    Forward(String),
+    /// Close the connection without answering (a reset before any response).
+    Drop,
 }
 
 /// One logged exchange.
@@ -69,6 +77,8 @@ pub struct Proxy {
     pub addr: String,
     pub log: Arc<Mutex<Vec<Seen>>>,
     stop: Arc<AtomicBool>,
+    /// Exchanges still being served (logged only when they end).
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Proxy {
@@ -84,9 +94,11 @@ impl Proxy {
         let stop = Arc::new(AtomicBool::new(false));
         let rule: Arc<Rule> = Arc::new(rule);
         let counter = Arc::new(AtomicUsize::new(0));
+        let in_flight = Arc::new(AtomicUsize::new(0));
         let upstream = upstream.to_string();
         {
-            let (log, stop) = (Arc::clone(&log), Arc::clone(&stop));
+            let (log, stop, in_flight) =
+                (Arc::clone(&log), Arc::clone(&stop), Arc::clone(&in_flight));
             std::thread::spawn(move || {
                 for conn in listener.incoming() {
                     if stop.load(Ordering::Relaxed) {
@@ -100,18 +112,43 @@ impl Proxy {
                         upstream.clone(),
                         Arc::clone(&stop),
                     );
+                    in_flight.fetch_add(1, Ordering::SeqCst);
+                    let in_flight = Arc::clone(&in_flight);
                     std::thread::spawn(move || {
-                        let _ = serve(conn, &upstream, &*rule, &counter, &log, &stop);
+                        let logged = AtomicBool::new(false);
+                        let _ = serve(conn, &upstream, &*rule, &counter, &log, &stop, &|| {
+                            logged.store(true, Ordering::SeqCst);
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
+                        });
+                        if !logged.load(Ordering::SeqCst) {
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
+                        }
                     });
                 }
             });
         }
-        Proxy { addr, log, stop }
+        Proxy {
+            addr,
+            log,
+            stop,
+            in_flight,
+        }
     }
 
     /// Everything logged so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Everything logged once the exchanges in progress have ended (a client
+    /// may exit before the proxy thread logs the answer it relayed). Gives up
+    /// waiting after a few seconds (a stalled exchange never ends).
+    pub fn seen_settled(&self) -> Vec<Seen> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while self.in_flight.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.seen()
     }
 }
 
@@ -129,6 +166,7 @@ fn serve(
     counter: &AtomicUsize,
     log: &Mutex<Vec<Seen>>,
     stop: &AtomicBool,
+    logged: &dyn Fn(),
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     let mut client = client;
@@ -162,6 +200,7 @@ fn serve(
             status,
             body_bytes,
         });
+        logged();
     };
     match action {
         Action::Status(code, extra, body) => {
@@ -180,6 +219,10 @@ fn serve(
             record(code, 0);
             return Ok(());
         }
+        Action::Drop => {
+            record(0, 0);
+            return Ok(());
+        }
         Action::Redirect(location) => {
             let head = format!(
                 "HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -191,9 +234,16 @@ fn serve(
         _ => {}
     }
     let mut up = TcpStream::connect(upstream)?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\n");
+    let up_path = match &action {
+        Action::Forward(p) => p.clone(),
+        _ => path.clone(),
+    };
+    let mut req = format!("{method} {up_path} HTTP/1.1\r\n");
     for (k, v) in &headers {
-        if k.eq_ignore_ascii_case("connection") || k.eq_ignore_ascii_case("host") {
+        if k.eq_ignore_ascii_case("connection")
+            || k.eq_ignore_ascii_case("host")
+            || (matches!(action, Action::IgnoreRange) && k.eq_ignore_ascii_case("range"))
+        {
             continue;
         }
         req.push_str(&format!("{k}: {v}\r\n"));
@@ -221,6 +271,9 @@ fn serve(
         head.push_str(&h);
     }
     head.push_str("Connection: close\r\n\r\n");
+    if let Action::Delay(d) = &action {
+        std::thread::sleep(*d);
+    }
     client.write_all(head.as_bytes())?;
     let limit = match action {
         Action::CutAfter(n) | Action::StallAfter(n) => Some(n),

@@ -33,6 +33,16 @@ impl Registry {
     /// A registry whose config.yml gets `extra` appended (auth, proxy, http.tls sections).
     /// `extra` may use `{dir}` for the registry's own temp dir.
     pub fn start_with(extra: &str) -> Registry {
+        Registry::start_on(extra, None)
+    }
+
+    /// A second registry process serving `other`'s storage (e.g. without auth,
+    /// as a CDN serves what the registry redirects to).
+    pub fn start_sharing(extra: &str, other: &Registry) -> Registry {
+        Registry::start_on(extra, Some(&other.dir.path().join("storage")))
+    }
+
+    fn start_on(extra: &str, storage: Option<&Path>) -> Registry {
         require_tool("docker-registry", "docker-registry");
         let dir = tempfile::Builder::new()
             .prefix("hydrafy-registry-")
@@ -46,8 +56,10 @@ impl Registry {
             let extra = extra.replace("{dir}", &dir.path().display().to_string());
             let (http_extra, rest) = split_http(&extra);
             let config = format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}/storage\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{http_extra}{rest}",
-                dir.path().display()
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{http_extra}{rest}",
+                storage
+                    .map_or_else(|| dir.path().join("storage"), Path::to_path_buf)
+                    .display()
             );
             std::fs::write(dir.path().join("config.yml"), config).unwrap();
             let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
