@@ -20,6 +20,8 @@
 //! | [`unpack`] | the decode/apply pipeline across two threads |
 //! | [`output`], [`state`] | staging, atomic publish, what DIR holds |
 //! | [`fetch`] | the `fetch` command, end to end |
+//! | [`nar`], [`nixhash`] | Nix's archive format and hash notations |
+//! | [`nixdb`] | the Nix database: reading it, merging an image into a seed |
 //! | [`progress`], [`cancel`], [`cli`], [`error`] | the user interface around it |
 
 pub mod apply;
@@ -33,6 +35,9 @@ pub mod error;
 pub mod fetch;
 pub mod fsroot;
 pub mod manifest;
+pub mod nar;
+pub mod nixdb;
+pub mod nixhash;
 pub mod output;
 pub mod platform;
 pub mod progress;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod image;
+pub mod nix;
 pub mod registry;
 
 use std::collections::BTreeMap;
