@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::fetch::FetchOptions;
 use crate::output::Existing;
 use crate::registry::{Mirror, RegistryOptions};
+use crate::verify::VerifyOptions;
 
 const EXIT_CODES: &str = "\
 Exit status:
@@ -19,6 +20,13 @@ Exit status:
   1    failure: network, registry, verification, or file system; DIR is left as it was
   2    bad usage or input: an invalid reference, platform, mirror or option
   130  interrupted (Ctrl-C or SIGTERM); DIR is left as it was";
+
+const VERIFY_EXIT_CODES: &str = "\
+Exit status:
+  0    every store path matches the database (unregistered paths are only warned about)
+  1    a store path is modified, missing or has a dangling reference (one line each), or DIR cannot be read
+  2    bad usage: DIR holds no Nix database, or a --path is not a registered store path
+  130  interrupted (Ctrl-C or SIGTERM)";
 
 /// Seed a shared Nix store for GitLab docker runners straight from a registry.
 #[derive(Debug, Parser)]
@@ -35,6 +43,39 @@ pub enum Command {
     /// store and database into DIR (default ./nix-backup).
     #[command(after_help = EXIT_CODES)]
     Fetch(FetchArgs),
+    /// Check every registered store path in DIR (nix/store, nix/var/nix/db)
+    /// against the Nix database: NAR hash and size, presence, references.
+    /// Needs no nix binary and changes nothing.
+    #[command(after_help = VERIFY_EXIT_CODES)]
+    Verify(VerifyArgs),
+}
+
+/// `hydrafy verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The seed folder (what `hydrafy fetch -o DIR` wrote).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Check only this store path (/nix/store/<hash>-<name> or <hash>-<name>); repeatable.
+    #[arg(long, value_name = "P")]
+    pub path: Vec<String>,
+    /// Hashing threads (default: one per core).
+    #[arg(long, short = 'j', value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub jobs: Option<u16>,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
+impl VerifyArgs {
+    /// The core's options.
+    pub fn options(&self) -> VerifyOptions {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        VerifyOptions {
+            dir: self.dir.clone(),
+            paths: self.path.clone(),
+            jobs: self.jobs.map_or(cores, usize::from),
+        }
+    }
 }
 
 /// `hydrafy fetch`.

@@ -22,6 +22,7 @@
 //! | [`fetch`] | the `fetch` command, end to end |
 //! | [`nar`], [`nixhash`] | Nix's archive format and hash notations |
 //! | [`nixdb`] | the Nix database: reading it, merging an image into a seed |
+//! | [`verify`] | the `verify` command: a store checked against its database |
 //! | [`progress`], [`cancel`], [`cli`], [`error`] | the user interface around it |
 
 pub mod apply;
@@ -45,5 +46,6 @@ pub mod reference;
 pub mod registry;
 pub mod state;
 pub mod unpack;
+pub mod verify;
 
 pub use error::{Error, Result};

@@ -4,3 +4,4 @@ mod support;
 
 mod fetch;
 mod nixdb;
+mod verify;
