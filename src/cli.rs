@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::fetch::FetchOptions;
 use crate::output::Existing;
 use crate::registry::{Mirror, RegistryOptions};
+use crate::runner_config::RunnerConfigOptions;
 use crate::verify::VerifyOptions;
 
 const EXIT_CODES: &str = "\
@@ -27,6 +28,13 @@ Exit status:
   1    a store path is modified, missing or has a dangling reference (one line each), or DIR cannot be read
   2    bad usage: DIR holds no Nix database, or a --path is not a registered store path
   130  interrupted (Ctrl-C or SIGTERM)";
+
+const RUNNER_CONFIG_EXIT_CODES: &str = "\
+Exit status:
+  0    the diff was shown, the file was written, or it was already configured
+  1    the file cannot be read, parsed or replaced, has no docker runner, or a runner
+       already mounts something else at /nix/store or /nix/var/nix/db; nothing is changed
+  2    bad usage";
 
 /// Seed a shared Nix store for GitLab docker runners straight from a registry.
 #[derive(Debug, Parser)]
@@ -48,6 +56,10 @@ pub enum Command {
     /// Needs no nix binary and changes nothing.
     #[command(after_help = VERIFY_EXIT_CODES)]
     Verify(VerifyArgs),
+    /// Add DIR/nix/store and DIR/nix/var/nix/db to the volumes of every docker
+    /// runner in gitlab-runner's config.toml. Shows a diff; --write applies it.
+    #[command(after_help = RUNNER_CONFIG_EXIT_CODES)]
+    RunnerConfig(RunnerConfigArgs),
 }
 
 /// `hydrafy verify`.
@@ -66,6 +78,22 @@ pub struct VerifyArgs {
     pub report: ReportArgs,
 }
 
+/// `hydrafy runner-config`.
+#[derive(Debug, Args)]
+pub struct RunnerConfigArgs {
+    /// gitlab-runner's config file (usually /etc/gitlab-runner/config.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// The seed folder to mount (what `hydrafy fetch -o DIR` wrote); made absolute.
+    #[arg(long, value_name = "DIR")]
+    pub nix_backup: PathBuf,
+    /// Replace the file (keeping FILE.bak); without it, only print the diff.
+    #[arg(long)]
+    pub write: bool,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
 impl VerifyArgs {
     /// The core's options.
     pub fn options(&self) -> VerifyOptions {
@@ -74,6 +102,17 @@ impl VerifyArgs {
             dir: self.dir.clone(),
             paths: self.path.clone(),
             jobs: self.jobs.map_or(cores, usize::from),
+        }
+    }
+}
+
+impl RunnerConfigArgs {
+    /// The core's options.
+    pub fn options(&self) -> RunnerConfigOptions {
+        RunnerConfigOptions {
+            config: self.config.clone(),
+            nix_backup: self.nix_backup.clone(),
+            write: self.write,
         }
     }
 }

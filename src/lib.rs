@@ -23,6 +23,7 @@
 //! | [`nar`], [`nixhash`] | Nix's archive format and hash notations |
 //! | [`nixdb`] | the Nix database: reading it, merging an image into a seed |
 //! | [`verify`] | the `verify` command: a store checked against its database |
+//! | [`runner_config`] | the `runner-config` command: gitlab-runner's config.toml |
 //! | [`progress`], [`cancel`], [`cli`], [`error`] | the user interface around it |
 
 pub mod apply;
@@ -44,6 +45,7 @@ pub mod platform;
 pub mod progress;
 pub mod reference;
 pub mod registry;
+pub mod runner_config;
 pub mod state;
 pub mod unpack;
 pub mod verify;

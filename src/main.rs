@@ -62,6 +62,18 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
                 Err(e) => finish::<()>(Err(e), false),
             }
         }
+        Command::RunnerConfig(args) => {
+            let progress = Progress::new(Style::detect(args.report.quiet));
+            match hydrafy::runner_config::runner_config(&args.options(), &progress) {
+                Ok(report) => {
+                    if !args.report.json {
+                        print_stdout(report.diff.trim_end());
+                    }
+                    conclude(&report, args.report.json, None)
+                }
+                Err(e) => finish::<()>(Err(e), false),
+            }
+        }
     }
 }
 

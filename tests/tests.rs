@@ -4,4 +4,5 @@ mod support;
 
 mod fetch;
 mod nixdb;
+mod runner_config;
 mod verify;
