@@ -383,6 +383,7 @@ pub struct Merge {
     missing: Vec<String>,
     already_present: usize,
     locks: Vec<PathLock>,
+    installed: bool,
     _big_lock: BigLock,
 }
 
@@ -445,6 +446,7 @@ impl Merge {
         // cannot deadlock), then look again: a job may have added some meanwhile.
         candidates.sort();
         let store = seed.join(STORE_DIR);
+        room_for_locks(seed, candidates.len())?;
         let mut locks = Vec::with_capacity(candidates.len());
         for name in &candidates {
             locks.push(PathLock::acquire(&store, name, reporter)?);
@@ -474,6 +476,7 @@ impl Merge {
             missing,
             already_present,
             locks: kept_locks,
+            installed: false,
             _big_lock: big_lock,
         })
     }
@@ -509,7 +512,12 @@ impl Merge {
     /// An unregistered directory already in the seed under a missing path's
     /// name (left by a crash, or by a job killed while it built the path) is
     /// replaced, as Nix replaces it.
+    ///
+    /// A second call does nothing.
     pub fn install(&mut self) -> Result<()> {
+        if self.installed {
+            return Ok(());
+        }
         let from_store = self.image.join(STORE_DIR);
         let to_store = self.seed.join(STORE_DIR);
         for name in &self.missing {
@@ -526,6 +534,7 @@ impl Merge {
             File::open(&to_store).map_err(|e| Error::io(&to_store, "cannot open the store", e))?;
         rustix::fs::syncfs(&fd)
             .map_err(|e| Error::io(&to_store, "cannot flush the store to disk", e.into()))?;
+        self.installed = true;
         Ok(())
     }
 
@@ -665,6 +674,36 @@ impl Merge {
             already_present: self.already_present,
         })
     }
+}
+
+/// Each path lock is an open file until the commit, so an image with
+/// thousands of new paths needs more descriptors than the usual soft limit
+/// of 1024: raise it towards the hard limit, or say why we cannot.
+fn room_for_locks(seed: &Path, locks: usize) -> Result<()> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let want = locks as u64 + 256;
+    let have = getrlimit(Resource::Nofile);
+    if have.current.is_none_or(|cur| cur >= want) {
+        return Ok(());
+    }
+    let raised = have.maximum.map_or(want, |max| want.min(max));
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(raised),
+            maximum: have.maximum,
+        },
+    );
+    if raised < want {
+        return Err(Error::Store {
+            dir: seed.to_path_buf(),
+            reason: format!(
+                "merging needs {want} open files (one lock per new store path) but the limit is \
+                 {raised}; raise it (ulimit -n) and run again"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The image's own database must be sane before any of it is copied.

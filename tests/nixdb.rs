@@ -92,6 +92,7 @@ fn merge_adds_the_image_paths_and_nix_store_accepts_the_result() {
     );
     assert_eq!(merge.already_present(), 1);
     merge.install().unwrap();
+    merge.install().expect("a second install does nothing");
     let summary = merge.commit().unwrap();
     assert_eq!(summary.added.len(), 2);
 
