@@ -25,7 +25,8 @@ Exit status:
 const VERIFY_EXIT_CODES: &str = "\
 Exit status:
   0    every store path matches the database (unregistered paths are only warned about)
-  1    a store path is modified, missing or has a dangling reference (one line each), or DIR cannot be read
+  1    a store path is modified, missing or has a dangling reference (one line each),
+       or DIR cannot be read
   2    bad usage: DIR holds no Nix database, or a --path is not a registered store path
   130  interrupted (Ctrl-C or SIGTERM)";
 
@@ -68,7 +69,7 @@ pub struct VerifyArgs {
     /// The seed folder (what `hydrafy fetch -o DIR` wrote).
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
-    /// Check only this store path (/nix/store/<hash>-<name> or <hash>-<name>); repeatable.
+    /// Check only this store path (/nix/store/HASH-NAME or HASH-NAME); repeatable.
     #[arg(long, value_name = "P")]
     pub path: Vec<String>,
     /// Hashing threads (default: one per core).

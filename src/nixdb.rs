@@ -27,6 +27,19 @@
 //! (moves), [`Merge::commit`] (the transaction, which refuses to register a
 //! path that is not in `DIR/nix/store`).
 //!
+//! ```no_run
+//! # fn main() -> hydrafy::Result<()> {
+//! use hydrafy::nixdb::Merge;
+//! # let reporter = hydrafy::progress::Recorder::default();
+//! # let (seed, unpacked) = (std::path::Path::new("nix-backup"), std::path::Path::new("staging/rootfs"));
+//! // `unpacked` holds the new image's nix/store and nix/var/nix/db, on the seed's file system.
+//! let mut merge = Merge::plan(seed, unpacked, &reporter)?; // locks, checks; Err = nothing changed
+//! eprintln!("adding {} store paths ({} bytes)", merge.missing().len(), merge.missing_bytes());
+//! merge.install()?; // moves them into seed/nix/store and flushes
+//! let summary = merge.commit()?; // one transaction; then the locks are released
+//! # let _ = summary; Ok(()) }
+//! ```
+//!
 //! What is not coordinated: Nix's garbage collector. Job containers do not
 //! share `nix/var/nix/gcroots` or `temproots`, so a `nix-collect-garbage` in
 //! one job is already unsafe for the others, merge or no merge.
