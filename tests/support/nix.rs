@@ -18,8 +18,7 @@ pub fn nix(tool: &str, root: &Path) -> Command {
     cmd.arg("--store")
         .arg(format!("local?root={}", root.display()))
         .env("HOME", &home)
-        .env("XDG_CACHE_HOME", home.join("cache"))
-        .env("NIX_CONFIG", "experimental-features = nix-command");
+        .env("XDG_CACHE_HOME", home.join("cache"));
     cmd
 }
 
