@@ -219,18 +219,13 @@ pub fn snapshot(root: &Path) -> Result<Snapshot> {
 }
 
 fn read_snapshot(conn: &Connection, db: &Path) -> Result<Snapshot> {
-    let err = |e| db_err(db, "cannot read the Nix database", e);
-    let tx = conn.unchecked_transaction().map_err(err)?;
-    let mut snap = Snapshot::default();
-    {
-        let mut stmt = tx
-            .prepare(
-                "select id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca \
-                 from ValidPaths order by id",
-            )
-            .map_err(err)?;
-        let rows = stmt
-            .query_map([], |r| {
+    let read = || -> rusqlite::Result<Snapshot> {
+        let tx = conn.unchecked_transaction()?;
+        let paths = all_rows(
+            &tx,
+            "select id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca \
+             from ValidPaths order by id",
+            |r| {
                 Ok(PathInfo {
                     id: r.get(0)?,
                     path: r.get(1)?,
@@ -242,36 +237,37 @@ fn read_snapshot(conn: &Connection, db: &Path) -> Result<Snapshot> {
                     sigs: r.get(7)?,
                     ca: r.get(8)?,
                 })
-            })
-            .map_err(err)?;
-        for row in rows {
-            snap.paths.push(row.map_err(err)?);
-        }
-        let mut stmt = tx
-            .prepare("select referrer, reference from Refs")
-            .map_err(err)?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(err)?;
-        for row in rows {
-            snap.refs.push(row.map_err(err)?);
-        }
-        let mut stmt = tx
-            .prepare("select drv, id, path from DerivationOutputs")
-            .map_err(err)?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(err)?;
-        for row in rows {
-            snap.drv_outputs.push(row.map_err(err)?);
-        }
-    }
-    tx.finish().map_err(err)?;
+            },
+        )?;
+        let refs = all_rows(&tx, "select referrer, reference from Refs", |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        let drv_outputs = all_rows(&tx, "select drv, id, path from DerivationOutputs", |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+        tx.finish()?;
+        Ok(Snapshot {
+            paths,
+            refs,
+            drv_outputs,
+            ..Snapshot::default()
+        })
+    };
+    let mut snap = read().map_err(|e| db_err(db, "cannot read the Nix database", e))?;
     for (i, p) in snap.paths.iter().enumerate() {
         snap.by_path.insert(p.path.clone(), i);
         snap.by_id.insert(p.id, i);
     }
     Ok(snap)
+}
+
+fn all_rows<T>(
+    conn: &Connection,
+    sql: &str,
+    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Vec<T>> {
+    let mut stmt = conn.prepare(sql)?;
+    stmt.query_map([], row)?.collect()
 }
 
 /// Is `path` a store path hydrafy may turn into a file name under
@@ -410,8 +406,10 @@ impl Merge {
         check_schema(seed)?;
         check_schema(image)?;
         let big_lock = BigLock::shared(seed, reporter)?;
-        let image_snap = snapshot(image)?;
-        check_image(image, &image_snap)?;
+        let image_conn = open_for_reading(image)?;
+        let image_snap = read_snapshot(&image_conn, &db_file(image))?;
+        check_image(image, &image_snap, &image_conn)?;
+        drop(image_conn);
         let image_refs = reference_sets(&image_snap);
 
         let seed_conn = open_for_reading(seed)?;
@@ -720,7 +718,7 @@ fn room_for_locks(seed: &Path, locks: usize) -> Result<()> {
 }
 
 /// The image's own database must be sane before any of it is copied.
-fn check_image(image: &Path, snap: &Snapshot) -> Result<()> {
+fn check_image(image: &Path, snap: &Snapshot, conn: &Connection) -> Result<()> {
     let bad = |reason: String| Error::Store {
         dir: image.to_path_buf(),
         reason: format!("{reason}; the image's Nix database is damaged, nothing was changed"),
@@ -756,7 +754,6 @@ fn check_image(image: &Path, snap: &Snapshot) -> Result<()> {
             )));
         }
     }
-    let conn = open_for_reading(image)?;
     let realisations: i64 = conn
         .query_row(
             "select count(*) from sqlite_master where type = 'table' and name = 'Realisations'",
@@ -780,14 +777,13 @@ fn check_image(image: &Path, snap: &Snapshot) -> Result<()> {
     Ok(())
 }
 
+/// Each path's references as a set of paths (dangling ids left out:
+/// `check_image` refuses them in the image, and verify reports them in the seed).
 fn reference_sets(snap: &Snapshot) -> HashMap<i64, BTreeSet<&str>> {
-    let mut out: HashMap<i64, BTreeSet<&str>> = HashMap::new();
-    for &(a, b) in &snap.refs {
-        if let Some(p) = snap.by_id(b) {
-            out.entry(a).or_default().insert(p.path.as_str());
-        }
-    }
-    out
+    snap.references()
+        .into_iter()
+        .map(|(id, targets)| (id, targets.into_iter().filter_map(|t| t.ok()).collect()))
+        .collect()
 }
 
 /// Why the seed's and the image's registrations of one path differ, if they do.
