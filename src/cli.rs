@@ -15,6 +15,8 @@ use crate::fetch::FetchOptions;
 use crate::output::Existing;
 use crate::pull::PullOptions;
 use crate::registry::{Mirror, RegistryOptions};
+use crate::runner_config::RunnerConfigOptions;
+use crate::verify::VerifyOptions;
 
 const EXIT_CODES: &str = "\
 Exit status:
@@ -22,6 +24,21 @@ Exit status:
   1    failure: network, registry, verification, or file system; DIR is left as it was
   2    bad usage or input: an invalid reference, platform, mirror or option
   130  interrupted (Ctrl-C or SIGTERM); DIR is left as it was";
+
+const VERIFY_EXIT_CODES: &str = "\
+Exit status:
+  0    every store path matches the database (unregistered paths are only warned about)
+  1    a store path is modified, missing or has a dangling reference (one line each),
+       or DIR cannot be read
+  2    bad usage: DIR holds no Nix database, or a --path is not a registered store path
+  130  interrupted (Ctrl-C or SIGTERM)";
+
+const RUNNER_CONFIG_EXIT_CODES: &str = "\
+Exit status:
+  0    the diff was shown, the file was written, or it was already configured
+  1    the file cannot be read, parsed or replaced, has no docker runner, or a runner
+       already mounts something else at /nix/store or /nix/var/nix/db; nothing is changed
+  2    bad usage";
 
 /// Seed a shared Nix store for GitLab docker runners straight from a registry.
 #[derive(Debug, Parser)]
@@ -48,6 +65,15 @@ pub enum Command {
     Extract(ExtractArgs),
     /// Show or clear the blob cache ($XDG_CACHE_HOME/hydrafy, default ~/.cache/hydrafy).
     Cache(CacheArgs),
+    /// Check every registered store path in DIR (nix/store, nix/var/nix/db)
+    /// against the Nix database: NAR hash and size, presence, references.
+    /// Needs no nix binary and changes nothing.
+    #[command(after_help = VERIFY_EXIT_CODES)]
+    Verify(VerifyArgs),
+    /// Add DIR/nix/store and DIR/nix/var/nix/db to the volumes of every docker
+    /// runner in gitlab-runner's config.toml. Shows a diff; --write applies it.
+    #[command(after_help = RUNNER_CONFIG_EXIT_CODES)]
+    RunnerConfig(RunnerConfigArgs),
 }
 
 /// `hydrafy pull`.
@@ -79,6 +105,38 @@ pub struct PullArgs {
     /// How many blobs to download at once.
     #[arg(long, short = 'j', default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub jobs: u16,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
+/// `hydrafy verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The seed folder (what `hydrafy fetch -o DIR` wrote).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Check only this store path (/nix/store/HASH-NAME or HASH-NAME); repeatable.
+    #[arg(long, value_name = "P")]
+    pub path: Vec<String>,
+    /// Hashing threads (default: one per core).
+    #[arg(long, short = 'j', value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub jobs: Option<u16>,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
+/// `hydrafy runner-config`.
+#[derive(Debug, Args)]
+pub struct RunnerConfigArgs {
+    /// gitlab-runner's config file (usually /etc/gitlab-runner/config.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// The seed folder to mount (what `hydrafy fetch -o DIR` wrote); made absolute.
+    #[arg(long, value_name = "DIR")]
+    pub nix_backup: PathBuf,
+    /// Replace the file (keeping FILE.bak); without it, only print the diff.
+    #[arg(long)]
+    pub write: bool,
     #[command(flatten)]
     pub report: ReportArgs,
 }
@@ -115,6 +173,29 @@ pub enum CacheAction {
     /// Remove every cached blob and unfinished download (those a running
     /// hydrafy is writing are left alone).
     Clear,
+}
+
+impl VerifyArgs {
+    /// The core's options.
+    pub fn options(&self) -> VerifyOptions {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        VerifyOptions {
+            dir: self.dir.clone(),
+            paths: self.path.clone(),
+            jobs: self.jobs.map_or(cores, usize::from),
+        }
+    }
+}
+
+impl RunnerConfigArgs {
+    /// The core's options.
+    pub fn options(&self) -> RunnerConfigOptions {
+        RunnerConfigOptions {
+            config: self.config.clone(),
+            nix_backup: self.nix_backup.clone(),
+            write: self.write,
+        }
+    }
 }
 
 /// `hydrafy fetch`.

@@ -113,6 +113,23 @@ pub enum Error {
     /// Ctrl-C or SIGTERM.
     #[error("interrupted; the output directory was left as it was")]
     Interrupted,
+
+    /// A Nix database could not be read or written; the cause says why.
+    #[error("{path}: {action}", path = .path.display())]
+    Database {
+        path: PathBuf,
+        action: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+
+    /// A Nix store or its database is inconsistent, or not one hydrafy can work on.
+    #[error("{dir}: {reason}", dir = .dir.display())]
+    Store { dir: PathBuf, reason: String },
+
+    /// A gitlab-runner `config.toml` hydrafy cannot (or must not) change.
+    #[error("{path}: {reason}", path = .path.display())]
+    RunnerConfig { path: PathBuf, reason: String },
 }
 
 impl Error {

@@ -21,6 +21,10 @@
 //! | [`output`], [`state`] | staging, atomic publish, what DIR holds |
 //! | [`fetch`] | the `fetch` command, end to end |
 //! | [`pull`], [`extract`], [`layout`] | air-gapped hosts: image files written and read |
+//! | [`nar`], [`nixhash`] | Nix's archive format and hash notations |
+//! | [`nixdb`] | the Nix database: reading it, merging an image into a seed |
+//! | [`verify`] | the `verify` command: a store checked against its database |
+//! | [`runner_config`] | the `runner-config` command: gitlab-runner's config.toml |
 //! | [`progress`], [`cancel`], [`cli`], [`error`] | the user interface around it |
 
 pub mod apply;
@@ -38,13 +42,18 @@ pub mod fetch;
 pub mod fsroot;
 pub mod layout;
 pub mod manifest;
+pub mod nar;
+pub mod nixdb;
+pub mod nixhash;
 pub mod output;
 pub mod platform;
 pub mod progress;
 pub mod pull;
 pub mod reference;
 pub mod registry;
+pub mod runner_config;
 pub mod state;
 pub mod unpack;
+pub mod verify;
 
 pub use error::{Error, Result};

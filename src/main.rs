@@ -8,7 +8,7 @@ use clap::Parser;
 use hydrafy::cache;
 use hydrafy::cancel::Cancel;
 use hydrafy::cli::{CacheAction, Cli, Command};
-use hydrafy::error::report;
+use hydrafy::error::{report, sanitize};
 use hydrafy::progress::{Progress, Reporter, Style};
 
 fn main() -> ExitCode {
@@ -69,6 +69,61 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
             let result = hydrafy::cli::cache_dir()
                 .and_then(|dir| cache::run(action, &dir, &mut std::io::stdout().lock()));
             finish(result, false)
+        }
+        Command::Verify(args) => {
+            let progress = Progress::new(Style::detect(args.report.quiet));
+            let flag = cancel.flag();
+            match hydrafy::verify::verify(&args.options(), &progress, &flag) {
+                Ok(report) => {
+                    // The bad paths are the result: stdout, unless JSON holds them.
+                    let lines: Vec<String> = report
+                        .problems
+                        .iter()
+                        .map(|p| sanitize(&p.to_string()))
+                        .collect();
+                    if args.report.json {
+                        lines.iter().for_each(|l| eprintln!("{l}"));
+                    } else {
+                        print_stdout(&lines.join("\n"));
+                    }
+                    conclude(&report, args.report.json, report.failure())
+                }
+                Err(e) => finish::<()>(Err(e), false),
+            }
+        }
+        Command::RunnerConfig(args) => {
+            let progress = Progress::new(Style::detect(args.report.quiet));
+            match hydrafy::runner_config::runner_config(&args.options(), &progress) {
+                Ok(report) => {
+                    if !args.report.json {
+                        print_stdout(report.diff.trim_end());
+                    }
+                    conclude(&report, args.report.json, None)
+                }
+                Err(e) => finish::<()>(Err(e), false),
+            }
+        }
+    }
+}
+
+/// Print `text` (and a newline) on stdout unless empty; a closed pipe is not an error.
+fn print_stdout(text: &str) {
+    if !text.is_empty() {
+        let _ = writeln!(std::io::stdout().lock(), "{text}");
+    }
+}
+
+/// Print the JSON summary when asked, then the failure (if any) on stderr.
+fn conclude<T: serde::Serialize>(summary: &T, json: bool, failure: Option<hydrafy::Error>) -> u8 {
+    if json {
+        let text = serde_json::to_string(summary).expect("summary serialises");
+        print_stdout(&text);
+    }
+    match failure {
+        None => 0,
+        Some(e) => {
+            eprintln!("hydrafy: error: {}", report(&e));
+            e.exit_code() as u8
         }
     }
 }

@@ -4,4 +4,7 @@ mod support;
 
 mod airgap;
 mod fetch;
+mod nixdb;
 mod registry;
+mod runner_config;
+mod verify;

@@ -1,13 +1,122 @@
-//! Real Nix stores for end-to-end tests, made with Debian's `nix-bin`, and
-//! Nix-layered images built from them (one store path per layer, absolute
+//! Real Nix stores for the tests, made and checked with Debian's `nix-bin`,
+//! and Nix-layered images built from them (one store path per layer, absolute
 //! names, the database in the last layer, as nixpkgs' layered images are).
+//!
+//! `nix-instantiate --store local?root=ROOT` writes real store paths and a
+//! real database under `ROOT/nix`, the same layout as a seed; `nix-store
+//! --verify --check-contents` on that root is the oracle.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 use super::image::Tar;
 use super::require_tool;
+
+/// A `nix-*` command working on the chroot store at `root`, with its own HOME.
+pub fn nix(tool: &str, root: &Path) -> Command {
+    require_tool(tool, "nix-bin");
+    let mut cmd = Command::new(tool);
+    let home = root.with_extension("nix-home");
+    std::fs::create_dir_all(&home).unwrap();
+    cmd.arg("--store")
+        .arg(format!("local?root={}", root.display()))
+        .env("HOME", &home)
+        .env("XDG_CACHE_HOME", home.join("cache"));
+    cmd
+}
+
+/// Evaluate `expr` (a list of store paths) into the store at `root`; returns the paths.
+pub fn instantiate(root: &Path, expr: &str) -> Vec<String> {
+    let out = nix("nix-instantiate", root)
+        .args([
+            "--read-write-mode",
+            "--eval",
+            "--strict",
+            "--json",
+            "-E",
+            expr,
+        ])
+        .output()
+        .expect("run nix-instantiate");
+    assert!(
+        out.status.success(),
+        "nix-instantiate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("nix-instantiate printed a JSON list")
+}
+
+/// `nix-store --add FILE` into the store at `root` (a "cached build"); returns its path.
+pub fn add(root: &Path, file: &Path) -> String {
+    let out = nix("nix-store", root)
+        .arg("--add")
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `nix-store -q ARGS` on the store at `root`; stdout lines.
+pub fn query(root: &Path, args: &[&str]) -> Vec<String> {
+    let out = nix("nix-store", root)
+        .arg("-q")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nix-store -q {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The oracle: `nix-store --verify --check-contents` on the store at `root`.
+pub struct NixVerdict {
+    pub ok: bool,
+    pub output: String,
+}
+
+pub fn nix_verify(root: &Path) -> NixVerdict {
+    let out: Output = nix("nix-store", root)
+        .args(["--verify", "--check-contents"])
+        .output()
+        .unwrap();
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    NixVerdict {
+        ok: out.status.success() && !output.contains("was modified"),
+        output,
+    }
+}
+
+/// Make everything under `path` writable by its owner (store paths are read-only).
+pub fn make_writable(path: &Path) {
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    if meta.file_type().is_symlink() {
+        return;
+    }
+    let mode = meta.permissions().mode();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | 0o200)).unwrap();
+    if meta.is_dir() {
+        for e in std::fs::read_dir(path).unwrap() {
+            make_writable(&e.unwrap().path());
+        }
+    }
+}
 
 /// A chroot store under `root` (`root/nix/store`, `root/nix/var/nix/db`).
 pub struct NixStore {
@@ -19,7 +128,6 @@ pub struct NixStore {
 /// Make a store at `root` holding `builtins.path` copies of `sources` (name,
 /// dir) and, for each, a small text file that refers to it (a real reference).
 pub fn make_store(root: &Path, sources: &[(&str, &Path)]) -> NixStore {
-    require_tool("nix-instantiate", "nix-bin");
     let mut lets = Vec::new();
     let mut names = Vec::new();
     for (i, (name, dir)) in sources.iter().enumerate() {
@@ -33,26 +141,7 @@ pub fn make_store(root: &Path, sources: &[(&str, &Path)]) -> NixStore {
         names.push(format!("p{i} w{i}"));
     }
     let expr = format!("let {} in [ {} ]", lets.join("\n"), names.join(" "));
-    let out = Command::new("nix-instantiate")
-        .arg("--store")
-        .arg(format!("local?root={}", root.display()))
-        .args([
-            "--read-write-mode",
-            "--eval",
-            "--strict",
-            "--json",
-            "-E",
-            &expr,
-        ])
-        .env("NIX_CONFIG", "sandbox = false")
-        .output()
-        .expect("run nix-instantiate");
-    assert!(
-        out.status.success(),
-        "nix-instantiate failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let paths: Vec<String> = serde_json::from_slice(&out.stdout).expect("store paths as JSON");
+    let paths = instantiate(root, &expr);
     NixStore {
         root: root.to_path_buf(),
         paths,
@@ -75,10 +164,9 @@ pub fn sample_source(dir: &Path, tag: &str, bulk: usize) {
     std::os::unix::fs::symlink("../bin/run", dir.join("share/run-link")).unwrap();
 }
 
-/// `nix-store --verify --check-contents` on the store under `root`; returns (success, output).
+/// `nix-store --verify --check-contents` on the store under `root`, which
+/// must exist (nix-store happily "verifies" a store that is not there).
 pub fn verify(root: &Path) -> (bool, String) {
-    require_tool("nix-store", "nix-bin");
-    // nix-store happily "verifies" a store that is not there: make sure this one is.
     assert!(
         root.join("nix/var/nix/db/db.sqlite").is_file(),
         "no Nix database under {}",
@@ -89,20 +177,10 @@ pub fn verify(root: &Path) -> (bool, String) {
         "empty store under {}",
         root.display()
     );
-    let out = Command::new("nix-store")
-        .arg("--store")
-        .arg(format!("local?root={}", root.display()))
-        .args(["--verify", "--check-contents"])
-        .output()
-        .expect("run nix-store");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let verdict = nix_verify(root);
     (
-        out.status.success() && !text.contains("was modified") && !text.contains("error"),
-        text,
+        verdict.ok && !verdict.output.contains("error"),
+        verdict.output,
     )
 }
 
