@@ -16,7 +16,7 @@
 //! store path is 0555, which an unprivileged run could not write into.
 
 use std::collections::{BTreeMap, HashSet};
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -103,6 +103,8 @@ pub struct Applier {
     buf: Vec<u8>,
     stats: ApplyStats,
     warnings: Vec<String>,
+    /// Store paths (names under `nix/store`) not to write: a `--merge` target has them.
+    skip_store_paths: HashSet<OsString>,
 }
 
 /// Per-layer bookkeeping for whiteouts.
@@ -144,12 +146,33 @@ impl Applier {
             buf: vec![0; 256 << 10],
             stats: ApplyStats::default(),
             warnings: Vec::new(),
+            skip_store_paths: HashSet::new(),
         })
     }
 
     /// Stop between entries once `flag` is set.
     pub fn set_cancel(&mut self, flag: Arc<AtomicBool>) {
         self.cancel = Some(flag);
+    }
+
+    /// Do not write the store paths named here (`HASH-NAME` under
+    /// `nix/store`): the seed a `--merge` goes into already holds them. Their
+    /// entries are still read (and hashed by the pipeline), just not written.
+    pub fn skip_store_paths(&mut self, names: HashSet<OsString>) {
+        self.skip_store_paths = names;
+    }
+
+    /// Is `rel` inside a store path that is not to be written?
+    fn skipped(&self, rel: &Path) -> bool {
+        if self.skip_store_paths.is_empty() {
+            return false;
+        }
+        let mut parts = rel.components().map(|c| c.as_os_str());
+        parts.next() == Some(OsStr::new("nix"))
+            && parts.next() == Some(OsStr::new("store"))
+            && parts
+                .next()
+                .is_some_and(|name| self.skip_store_paths.contains(name))
     }
 
     /// Totals over all layers so far.
@@ -256,6 +279,9 @@ impl Applier {
             ));
         }
         let rel = fsroot::normalize(name);
+        if self.skipped(&rel) {
+            return Ok(());
+        }
         let io_err = |action: &'static str| {
             let shown = shown.clone();
             move |source: io::Error| Error::EntryIo {
@@ -384,6 +410,12 @@ impl Applier {
                     .link
                     .or_else(|| header.link_name_bytes().map(|l| l.into_owned()))
                     .ok_or_else(|| refuse("a hard link with no target"))?;
+                if self.skipped(&fsroot::normalize(&target)) {
+                    return Err(Error::SkippedLinkTarget {
+                        layer: layer.to_string(),
+                        entry: shown.clone(),
+                    });
+                }
                 self.hardlink(&rel, &parent_rel, &base, &target)
                     .map_err(|reason| refuse(&reason))?;
             }

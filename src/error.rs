@@ -110,6 +110,11 @@ pub enum Error {
     #[error("{dir}: {reason}", dir = .dir.display())]
     Output { dir: PathBuf, reason: String },
 
+    /// A merge skipped writing a store path the seed has, and a new path
+    /// hard-links into it; the caller unpacks again without skipping.
+    #[error("layer {layer}: entry {entry:?} hard-links into a store path the seed already holds")]
+    SkippedLinkTarget { layer: String, entry: String },
+
     /// Ctrl-C or SIGTERM.
     #[error("interrupted; the output directory was left as it was")]
     Interrupted,

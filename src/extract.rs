@@ -6,16 +6,21 @@
 //! `docker save` archive instead of a registry. No network client is ever
 //! created on this path.
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::apply::{Applier, ApplyOptions};
+use crate::apply::{Applier, ApplyOptions, ApplyStats};
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
-use crate::fetch::{Summary, already_holds, check_merge, publish_unpacked, summary_of};
+use crate::fetch::{
+    ResolvedImage, Summary, already_holds, check_merge, finish_output, merges_into,
+    present_store_paths, summary_of,
+};
 use crate::layout::Archive;
-use crate::output::{Existing, OutputDir};
+use crate::output::{Existing, OutputDir, Staging};
 use crate::platform::Platform;
 use crate::progress::Reporter;
 use crate::state::Layout;
@@ -45,7 +50,7 @@ pub async fn extract(
         Layout::Nix
     };
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
-    check_merge(opts.existing)?;
+    check_merge(opts.existing, layout)?;
     let archive = Archive::open(&opts.source)?;
     let resolved = archive.resolve(&platform, opts.platform.is_some(), &*reporter)?;
     let out = OutputDir::open(&opts.output, &*reporter)?;
@@ -61,29 +66,66 @@ pub async fn extract(
     reporter.info(&resolved.describe());
 
     let staging = out.stage()?;
-    let layers = archive.layer_inputs(&resolved)?;
-    reporter.layer_total(layers.len() as u64);
-    let mut applier = Applier::new(
-        &staging.rootfs(),
-        ApplyOptions::for_current_user(opts.rootfs),
+    let merging = merges_into(&out, opts.existing);
+    let skip = if merging {
+        present_store_paths(&out)?
+    } else {
+        HashSet::new()
+    };
+    let apply = ApplyOptions::for_current_user(opts.rootfs);
+    let stats = match unpack_archive(
+        &archive, &resolved, &staging, apply, skip, &reporter, cancel,
+    )
+    .await
+    {
+        Err(Error::SkippedLinkTarget { .. }) => {
+            reporter.info("a new store path hard-links into one the seed already has; unpacking the whole image");
+            staging.reset_rootfs()?;
+            unpack_archive(
+                &archive,
+                &resolved,
+                &staging,
+                apply,
+                HashSet::new(),
+                &reporter,
+                cancel,
+            )
+            .await?
+        }
+        other => other?,
+    };
+    let merged = finish_output(
+        &out, staging, layout, &resolved, merging, &*reporter, cancel,
     )?;
+    reporter.finish();
+    let mut summary = summary_of(&resolved, &out, &stats, 0, start);
+    summary.merge = merged;
+    Ok(summary)
+}
+
+/// Unpack the archive's layers into the staging root, skipping `skip`'s store paths.
+async fn unpack_archive(
+    archive: &Archive,
+    resolved: &ResolvedImage,
+    staging: &Staging,
+    apply: ApplyOptions,
+    skip: HashSet<OsString>,
+    reporter: &Arc<dyn Reporter>,
+    cancel: &Cancel,
+) -> Result<ApplyStats> {
+    let layers = archive.layer_inputs(resolved)?;
+    reporter.layer_total(layers.len() as u64);
+    let mut applier = Applier::new(&staging.rootfs(), apply)?;
+    applier.skip_store_paths(skip);
     applier.set_cancel(cancel.flag());
     let flag = cancel.flag();
-    let unpack_reporter = Arc::clone(&reporter);
+    let unpack_reporter = Arc::clone(reporter);
     let (stats, result) = tokio::task::spawn_blocking(move || {
         let result = unpack::unpack(&mut applier, layers, &flag, &*unpack_reporter)
             .and_then(|()| applier.finish());
         (applier.stats().clone(), result)
     })
     .await
-    .map_err(|e| {
-        Error::registry(
-            opts.source.display().to_string(),
-            format!("unpack thread failed: {e}"),
-        )
-    })?;
-    result?;
-    publish_unpacked(&out, staging, layout, &resolved, cancel)?;
-    reporter.finish();
-    Ok(summary_of(&resolved, &out, &stats, 0, start))
+    .expect("unpack thread panicked");
+    result.map(|()| stats)
 }

@@ -14,9 +14,10 @@
 //! manifests from a file instead of a registry.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -32,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::manifest::{
     self, Compression, Descriptor, ImageConfig, ImageManifest, MAX_CONFIG_BYTES, Manifest,
 };
+use crate::nixdb::{self, Merge, MergeSummary};
 use crate::output::{self, Existing, Holding, OutputDir, Staging};
 use crate::platform::Platform;
 use crate::progress::Reporter;
@@ -74,6 +76,9 @@ pub struct Summary {
     pub output: PathBuf,
     /// True when DIR already held the image and nothing was done.
     pub unchanged: bool,
+    /// For `--merge` into a seed: the store paths added and how many were there already.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeSummary>,
 }
 
 /// An image whose manifest chain has been fetched (or read) and verified.
@@ -246,7 +251,7 @@ pub async fn fetch(
         Layout::Nix
     };
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
-    check_merge(opts.existing)?;
+    check_merge(opts.existing, layout)?;
     let out = OutputDir::open(&opts.output, &*reporter)?;
     if let Some(digest) = image.digest
         && let Some(summary) = already_holds(&out, layout, &digest, &platform, start)?
@@ -311,29 +316,113 @@ pub async fn fetch(
         Some(dir) => BlobStore::open(dir)?,
         None => BlobStore::open(&staging.path().join("blobs"))?,
     };
-    let (stats, downloaded) = unpack_from_registry(
-        Arc::new(registry),
-        &resolved,
-        &store,
-        &staging.rootfs(),
-        ApplyOptions::for_current_user(opts.rootfs),
-        opts.jobs,
-        &reporter,
-        cancel,
-    )
-    .await?;
-    publish_unpacked(&out, staging, layout, &resolved, cancel)?;
+    let merging = merges_into(&out, opts.existing);
+    let skip = if merging {
+        present_store_paths(&out)?
+    } else {
+        HashSet::new()
+    };
+    let registry = Arc::new(registry);
+    let apply = ApplyOptions::for_current_user(opts.rootfs);
+    let unpack_into = |skip: HashSet<OsString>| {
+        let registry = Arc::clone(&registry);
+        let (staging, resolved, store, reporter) = (&staging, &resolved, &store, &reporter);
+        async move {
+            let mut applier = Applier::new(&staging.rootfs(), apply)?;
+            applier.skip_store_paths(skip);
+            unpack_from_registry(
+                registry, resolved, store, applier, opts.jobs, reporter, cancel,
+            )
+            .await
+        }
+    };
+    let (stats, downloaded) = match unpack_into(skip).await {
+        Err(Error::SkippedLinkTarget { .. }) => {
+            reporter.info("a new store path hard-links into one the seed already has; unpacking the whole image");
+            staging.reset_rootfs()?;
+            unpack_into(HashSet::new()).await?
+        }
+        other => other?,
+    };
+    let merged = finish_output(
+        &out, staging, layout, &resolved, merging, &*reporter, cancel,
+    )?;
     reporter.finish();
-    Ok(summary_of(&resolved, &out, &stats, downloaded, start))
+    let mut summary = summary_of(&resolved, &out, &stats, downloaded, start);
+    summary.merge = merged;
+    Ok(summary)
 }
 
-/// `--merge` is not built yet: say so before any work.
-pub fn check_merge(existing: Existing) -> Result<()> {
-    if existing == Existing::Merge {
+/// Does this run add to what DIR holds (`--merge` into a seed) rather than publish a new tree?
+pub fn merges_into(out: &OutputDir, existing: Existing) -> bool {
+    existing == Existing::Merge && matches!(out.holding(), Holding::State(_))
+}
+
+/// The store paths (`HASH-NAME`) a seed holds, registered and on disk: a
+/// `--merge` into it need not write them.
+pub fn present_store_paths(out: &OutputDir) -> Result<HashSet<OsString>> {
+    let snapshot = nixdb::snapshot(out.dir())?;
+    let store = out.dir().join(nixdb::STORE_DIR);
+    Ok(snapshot
+        .paths
+        .iter()
+        .map(|p| OsString::from(p.name()))
+        .filter(|name| store.join(name).symlink_metadata().is_ok())
+        .collect())
+}
+
+/// Make DIR hold the unpacked staging root: publish it (a new or replaced
+/// tree), or, for `--merge`, move its new store paths into DIR and register
+/// them in DIR's database in one transaction.
+pub fn finish_output(
+    out: &OutputDir,
+    staging: Staging,
+    layout: Layout,
+    resolved: &ResolvedImage,
+    merging: bool,
+    reporter: &dyn Reporter,
+    cancel: &Cancel,
+) -> Result<Option<MergeSummary>> {
+    if !merging {
+        publish_unpacked(out, staging, layout, resolved, cancel)?;
+        return Ok(None);
+    }
+    if cancel.is_cancelled() {
+        return Err(Error::Interrupted);
+    }
+    let Holding::State(state) = out.holding() else {
+        unreachable!("merges_into() checked that DIR holds a state");
+    };
+    let mut merge = Merge::plan(out.dir(), &staging.rootfs(), reporter)?;
+    reporter.info(&format!(
+        "merging {}: {} new store paths ({:.1} MB), {} already in {}",
+        resolved.name,
+        merge.missing().len(),
+        merge.missing_bytes() as f64 / 1e6,
+        merge.already_present(),
+        out.dir().display()
+    ));
+    if cancel.is_cancelled() {
+        return Err(Error::Interrupted);
+    }
+    // New paths go into the store first; a crash after this leaves them
+    // unregistered, which Nix ignores. Then one transaction registers them.
+    merge.install()?;
+    let summary = merge.commit()?;
+    let mut state = state.clone();
+    state.images.push(resolved.record());
+    state.write(out.dir())?;
+    drop(staging);
+    Ok(Some(summary))
+}
+
+/// `--merge` adds store paths to a seed: it has no meaning for `--rootfs`.
+pub fn check_merge(existing: Existing, layout: Layout) -> Result<()> {
+    if existing == Existing::Merge && layout == Layout::Rootfs {
         return Err(Error::invalid(
             "option",
             "--merge",
-            "merging into an existing store is not available in this version; use --replace",
+            "--merge adds store paths to a Nix seed; it cannot be combined with --rootfs",
         ));
     }
     Ok(())
@@ -384,6 +473,7 @@ pub fn summary_of(
         seconds: start.elapsed().as_secs_f64(),
         output: out.dir().to_path_buf(),
         unchanged: false,
+        merge: None,
     }
 }
 
@@ -423,6 +513,7 @@ pub fn already_holds(
         seconds: start.elapsed().as_secs_f64(),
         output: out.dir().to_path_buf(),
         unchanged: true,
+        merge: None,
     }))
 }
 
@@ -433,8 +524,7 @@ pub async fn unpack_from_registry(
     registry: Arc<Registry>,
     resolved: &ResolvedImage,
     store: &BlobStore,
-    rootfs: &Path,
-    apply: ApplyOptions,
+    mut applier: Applier,
     jobs: usize,
     reporter: &Arc<dyn Reporter>,
     cancel: &Cancel,
@@ -462,7 +552,6 @@ pub async fn unpack_from_registry(
     reporter.layer_total(layers.len() as u64);
     reporter.download_total(blobs.iter().filter(|d| !store.has(d)).map(|d| d.size).sum());
 
-    let mut applier = Applier::new(rootfs, apply)?;
     applier.set_cancel(cancel.flag());
     let flag = cancel.flag();
     let unpack_reporter = Arc::clone(reporter);

@@ -298,13 +298,19 @@ pub fn is_store_path(path: &str) -> bool {
 /// A shared `flock` on `DIR/nix/var/nix/db/big-lock`, as every Nix process
 /// using the store holds one. Waits while a schema migration holds it exclusively.
 pub struct BigLock {
-    _file: File,
+    _file: Option<File>,
 }
 
 impl BigLock {
-    /// Take the lock on `root`'s database, creating the lock file as Nix does.
+    /// Take the lock on `root`'s database. With no lock file, no Nix process
+    /// has opened this store yet (each creates it first), so there is nothing
+    /// to wait for, and the file is not created: a merge that is refused then
+    /// leaves the seed exactly as it was.
     pub fn shared(root: &Path, reporter: &dyn Reporter) -> Result<BigLock> {
         let path = root.join(DB_DIR).join("big-lock");
+        if fs::symlink_metadata(&path).is_err() {
+            return Ok(BigLock { _file: None });
+        }
         let file = open_lock_file(&path)?;
         if rustix::fs::flock(&file, FlockOperation::NonBlockingLockShared).is_err() {
             reporter.info(&format!(
@@ -314,7 +320,7 @@ impl BigLock {
             rustix::fs::flock(&file, FlockOperation::LockShared)
                 .map_err(|e| Error::io(&path, "cannot lock the Nix database", e.into()))?;
         }
-        Ok(BigLock { _file: file })
+        Ok(BigLock { _file: Some(file) })
     }
 }
 
@@ -435,6 +441,19 @@ impl Merge {
         }
         if !disagree.is_empty() {
             return Err(disagreement_error(seed, &disagree));
+        }
+        // What the seed lacks must be in the image's store; what it shares
+        // need not be (fetch --merge does not write paths the seed has).
+        for name in &candidates {
+            if fs::symlink_metadata(image.join(STORE_DIR).join(name)).is_err() {
+                return Err(Error::Store {
+                    dir: image.to_path_buf(),
+                    reason: format!(
+                        "registers {STORE_PREFIX}{name} but the image's store has no such path; \
+                         the image's Nix database is damaged, nothing was changed"
+                    ),
+                });
+            }
         }
         let shared: Vec<&PathInfo> = image_snap
             .paths
@@ -732,12 +751,6 @@ fn check_image(image: &Path, snap: &Snapshot, conn: &Connection) -> Result<()> {
         }
         if let Err(e) = p.nar_hash() {
             return Err(bad(format!("{}: hash {:?}: {e}", p.path, p.hash)));
-        }
-        if fs::symlink_metadata(image.join(STORE_DIR).join(p.name())).is_err() {
-            return Err(bad(format!(
-                "registers {} but the image's store has no such path",
-                p.path
-            )));
         }
     }
     for &(referrer, reference) in &snap.refs {

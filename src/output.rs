@@ -67,6 +67,17 @@ impl Staging {
     pub fn rootfs(&self) -> PathBuf {
         self.path.join("rootfs")
     }
+
+    /// Empty the unpack root, to unpack again from the start.
+    pub fn reset_rootfs(&self) -> Result<()> {
+        let rootfs = self.rootfs();
+        fsroot::remove_tree(&rootfs)
+            .map_err(|e| Error::io(&rootfs, "cannot empty the staging root", e))?;
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&rootfs)
+            .map_err(|e| Error::io(&rootfs, "cannot create staging folder", e))
+    }
 }
 
 impl Drop for Staging {

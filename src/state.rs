@@ -85,13 +85,22 @@ impl State {
         Ok(Some(state))
     }
 
-    /// Write the state file into `dir` (a staging tree, before it is published).
+    /// Write the state file into `dir`: a staging tree before it is
+    /// published, or a seed after `--merge`, where it replaces the old file
+    /// in one rename so a reader never sees half of it.
     pub fn write(&self, dir: &Path) -> Result<()> {
         let path = dir.join(STATE_FILE);
+        let tmp = dir.join(format!("{STATE_FILE}.{}.tmp", std::process::id()));
         let mut bytes = serde_json::to_vec_pretty(self).expect("state serialises");
         bytes.push(b'\n');
-        std::fs::write(&path, bytes)
-            .map_err(|e| Error::io(&path, "cannot write hydrafy state file", e))
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes).and_then(|()| f.sync_all()))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(&path, "cannot write hydrafy state file", e));
+        }
+        Ok(())
     }
 
     /// The record of the image pinned by `digest` for `platform` in

@@ -4,6 +4,7 @@ mod support;
 
 mod airgap;
 mod fetch;
+mod merge;
 mod nixdb;
 mod registry;
 mod runner_config;

@@ -1,0 +1,269 @@
+//! `fetch --merge` and `extract --merge`: upgrading a shared seed without
+//! losing cached builds, checked with real `nix-store`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use crate::support::image::{Comp, Image, Media, Pushed, layer, push, push_index};
+use crate::support::registry::Registry;
+use crate::support::{TestEnv, assert_fails, assert_ok, fingerprint, listing, nix, stdout};
+
+/// Two Nix-layered images made from two real stores that share store paths:
+/// `old` = {base, tools, old-only}, `new` = {base, tools, new-only}.
+struct Upgrade {
+    reg: Registry,
+    old: Pushed,
+    new: Pushed,
+    shared: Vec<String>,
+    new_only: Vec<String>,
+    _work: tempfile::TempDir,
+}
+
+fn upgrade() -> Upgrade {
+    let work = tempfile::tempdir().unwrap();
+    let src = |name: &str, bulk: usize| {
+        let dir = work.path().join(format!("src-{name}"));
+        nix::sample_source(&dir, name, bulk);
+        dir
+    };
+    let (base, tools, old_only, new_only) = (
+        src("base", 800),
+        src("tools", 400),
+        src("old-only", 300),
+        src("new-only", 300),
+    );
+    let old = nix::make_store(
+        &work.path().join("old"),
+        &[
+            ("base", base.as_path()),
+            ("tools", tools.as_path()),
+            ("old-only", old_only.as_path()),
+        ],
+    );
+    let new = nix::make_store(
+        &work.path().join("new"),
+        &[
+            ("base", base.as_path()),
+            ("tools", tools.as_path()),
+            ("new-only", new_only.as_path()),
+        ],
+    );
+    let shared: Vec<String> = new
+        .paths
+        .iter()
+        .filter(|p| old.paths.contains(p))
+        .cloned()
+        .collect();
+    let new_only: Vec<String> = new
+        .paths
+        .iter()
+        .filter(|p| !old.paths.contains(p))
+        .cloned()
+        .collect();
+    assert_eq!(
+        shared.len(),
+        4,
+        "the stores share base, tools and their wrappers: {shared:?}"
+    );
+    let reg = Registry::start();
+    let image = |store: &nix::NixStore, tag: &str| {
+        let layers = nix::layers(store)
+            .iter()
+            .map(|t| layer(t, Comp::Gzip, Media::Docker))
+            .collect();
+        let manifest = push(
+            &reg.addr,
+            "nixos/nix",
+            None,
+            &Image::new(Media::Docker, layers),
+        );
+        push_index(
+            &reg.addr,
+            "nixos/nix",
+            Some(tag),
+            Media::Docker,
+            &[&manifest],
+        )
+    };
+    let (old, new) = (image(&old, "old"), image(&new, "new"));
+    Upgrade {
+        reg,
+        old,
+        new,
+        shared,
+        new_only,
+        _work: work,
+    }
+}
+
+fn store_path(seed: &Path, path: &str) -> std::path::PathBuf {
+    seed.join(path.trim_start_matches('/'))
+}
+
+#[test]
+fn merge_keeps_a_cached_build_and_adds_the_new_image_and_nix_store_agrees() {
+    let u = upgrade();
+    let env = TestEnv::new();
+    assert_ok(&env.run(&["fetch", "--plain-http", &u.old.reference, "-q"]));
+    let seed = env.join("nix-backup");
+    // A job built something into the shared store: a real `nix-store --add`.
+    std::fs::write(env.join("artifact"), "built once, used by every job\n").unwrap();
+    let cached = nix::add(&seed, &env.join("artifact"));
+    let shared_inode = std::fs::metadata(store_path(&seed, &u.shared[0]))
+        .unwrap()
+        .ino();
+
+    let out = env.run(&[
+        "fetch",
+        "--plain-http",
+        &u.new.reference,
+        "--merge",
+        "--json",
+    ]);
+    assert_ok(&out);
+    let summary: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let added: Vec<String> = serde_json::from_value(summary["merge"]["added"].clone()).unwrap();
+    let mut want = u.new_only.clone();
+    want.sort();
+    assert_eq!(added, want, "exactly the new image's new paths were added");
+    assert_eq!(summary["merge"]["already_present"], u.shared.len());
+
+    let (ok, text) = nix::verify(&seed);
+    assert!(
+        ok,
+        "nix-store --verify --check-contents after the merge: {text}"
+    );
+    for p in u
+        .new_only
+        .iter()
+        .chain(&u.shared)
+        .chain(std::iter::once(&cached))
+    {
+        assert!(
+            !nix::query(&seed, &["--hash", p]).is_empty(),
+            "{p} is valid in the merged store"
+        );
+    }
+    // The old image's own path and the cached build are still there.
+    assert!(!nix::query(&seed, &["--hash", &cached]).is_empty());
+    assert_eq!(
+        std::fs::metadata(store_path(&seed, &u.shared[0]))
+            .unwrap()
+            .ino(),
+        shared_inode,
+        "a path the seed already had was not written again"
+    );
+    // Nix can still add to the merged store.
+    std::fs::write(env.join("artifact2"), "built after the upgrade\n").unwrap();
+    nix::add(&seed, &env.join("artifact2"));
+    assert!(nix::verify(&seed).0);
+    // DIR now holds both images: fetching either again changes nothing.
+    for img in [&u.old, &u.new] {
+        let again = env.run(&["fetch", "--plain-http", &img.reference, "--merge", "--json"]);
+        assert_ok(&again);
+        assert!(
+            stdout(&again).contains("\"unchanged\":true"),
+            "{}",
+            stdout(&again)
+        );
+    }
+    let left: Vec<String> = listing(env.path())
+        .into_iter()
+        .filter(|n| !n.ends_with(".nix-home"))
+        .collect();
+    assert_eq!(
+        left,
+        [
+            "artifact",
+            "artifact2",
+            "cache",
+            "docker",
+            "home",
+            "nix-backup"
+        ],
+        "no staging folder left"
+    );
+}
+
+#[test]
+fn extract_merge_adds_an_archived_image_offline() {
+    let u = upgrade();
+    let env = TestEnv::new();
+    assert_ok(&env.run(&["fetch", "--plain-http", &u.old.reference, "-q"]));
+    assert_ok(&env.run(&[
+        "pull",
+        "--plain-http",
+        &u.new.reference,
+        "-o",
+        "new.tar",
+        "-q",
+    ]));
+    let out = env.run(&["extract", "new.tar", "--merge", "-q"]);
+    assert_ok(&out);
+    let seed = env.join("nix-backup");
+    assert!(nix::verify(&seed).0);
+    for p in &u.new_only {
+        assert!(store_path(&seed, p).exists(), "{p} was added");
+    }
+}
+
+#[test]
+fn merge_refuses_what_it_cannot_merge_and_changes_nothing() {
+    let u = upgrade();
+    let env = TestEnv::new();
+    // Into a directory of foreign files: nothing to merge into.
+    std::fs::create_dir_all(env.join("foreign/nix/store/zzzz-copied")).unwrap();
+    let before = fingerprint(&env.join("foreign"));
+    let out = env.run(&[
+        "fetch",
+        "--plain-http",
+        &u.new.reference,
+        "--merge",
+        "-o",
+        "foreign",
+    ]);
+    assert_fails(&out, 1, &["foreign", "did not write", "--replace"]);
+    assert_eq!(fingerprint(&env.join("foreign")), before);
+    // With --rootfs: a usage error before any work.
+    let out = env.run(&[
+        "fetch",
+        "--plain-http",
+        &u.new.reference,
+        "--merge",
+        "--rootfs",
+    ]);
+    assert_fails(&out, 2, &["--merge", "--rootfs"]);
+    // A seed whose database disagrees with the image about a shared path.
+    assert_ok(&env.run(&["fetch", "--plain-http", &u.old.reference, "-q"]));
+    let seed = env.join("nix-backup");
+    let db = seed.join("nix/var/nix/db/db.sqlite");
+    let sql = format!(
+        "update ValidPaths set hash = 'sha256:{}' where path = '{}';",
+        "0".repeat(64),
+        u.shared[0]
+    );
+    let status = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg(&sql)
+        .status()
+        .expect("run sqlite3 (apt-get install sqlite3)");
+    assert!(status.success());
+    // Reading a WAL-mode database (as Nix and hydrafy do) creates and removes
+    // its -wal/-shm files, which touches the db directory's mtime: that one
+    // time is left out; every file, mode and content must be as it was.
+    let contents = |seed: &Path| {
+        let mut f = fingerprint(seed);
+        f.remove(Path::new("nix/var/nix/db"));
+        f
+    };
+    let before = contents(&seed);
+    let out = env.run(&["fetch", "--plain-http", &u.new.reference, "--merge"]);
+    assert_fails(&out, 1, &[&u.shared[0]]);
+    assert_eq!(contents(&seed), before, "a refused merge changes nothing");
+    assert_eq!(
+        listing(env.path()),
+        ["cache", "docker", "foreign", "home", "nix-backup"],
+        "no staging folder left"
+    );
+    drop(u.reg);
+}
