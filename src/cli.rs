@@ -99,12 +99,8 @@ pub struct PullArgs {
     pub checksum: Option<PathBuf>,
     #[command(flatten)]
     pub registry: RegistryArgs,
-    /// Do not use or fill the blob cache ($XDG_CACHE_HOME/hydrafy).
-    #[arg(long)]
-    pub no_cache: bool,
-    /// How many blobs to download at once.
-    #[arg(long, short = 'j', default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub jobs: u16,
+    #[command(flatten)]
+    pub download: DownloadArgs,
     #[command(flatten)]
     pub report: ReportArgs,
 }
@@ -207,12 +203,8 @@ pub struct FetchArgs {
     pub output: OutputArgs,
     #[command(flatten)]
     pub registry: RegistryArgs,
-    /// Do not use or fill the blob cache ($XDG_CACHE_HOME/hydrafy).
-    #[arg(long)]
-    pub no_cache: bool,
-    /// How many blobs to download at once.
-    #[arg(long, short = 'j', default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub jobs: u16,
+    #[command(flatten)]
+    pub download: DownloadArgs,
     #[command(flatten)]
     pub report: ReportArgs,
 }
@@ -259,6 +251,17 @@ pub struct RegistryArgs {
     /// (default 60000). The test suite shortens it to stage stalled transfers.
     #[arg(long, hide = true, env = "HYDRAFY_READ_TIMEOUT_MS", value_name = "MS")]
     pub read_timeout_ms: Option<u64>,
+}
+
+/// How blobs are downloaded.
+#[derive(Debug, Args)]
+pub struct DownloadArgs {
+    /// Do not use or fill the blob cache ($XDG_CACHE_HOME/hydrafy).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// How many blobs to download at once.
+    #[arg(long, short = 'j', default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
 }
 
 /// What is printed.
@@ -337,8 +340,8 @@ impl PullArgs {
             platform: self.platform.as_deref().map(str::parse).transpose()?,
             all_platforms: self.all_platforms,
             registry: self.registry.options()?,
-            cache: cache_option(self.no_cache)?,
-            jobs: usize::from(self.jobs),
+            cache: cache_option(self.download.no_cache)?,
+            jobs: usize::from(self.download.jobs),
             checksum: self.checksum.clone(),
         })
     }
@@ -365,7 +368,7 @@ impl ExtractArgs {
 impl FetchArgs {
     /// Validated fetch options.
     pub fn options(&self) -> Result<FetchOptions> {
-        let cache = cache_option(self.no_cache)?;
+        let cache = cache_option(self.download.no_cache)?;
         Ok(FetchOptions {
             image: self.image.clone(),
             output: self.output.output.clone(),
@@ -379,7 +382,7 @@ impl FetchArgs {
             existing: self.output.existing(),
             registry: self.registry.options()?,
             cache,
-            jobs: usize::from(self.jobs),
+            jobs: usize::from(self.download.jobs),
         })
     }
 }

@@ -34,31 +34,28 @@ fn main() -> ExitCode {
 async fn run(cli: Cli, cancel: Cancel) -> u8 {
     match cli.command {
         Command::Fetch(args) => {
-            let progress = Arc::new(Progress::new(Style::detect(args.report.quiet)));
+            let progress = reporter(&args.report);
             let result = match args.options() {
                 Ok(opts) => hydrafy::fetch::fetch(&opts, progress.clone(), &cancel).await,
                 Err(e) => Err(e),
             };
-            progress.finish();
-            finish(result, args.report.json)
+            finish_reported(result, &progress, args.report.json)
         }
         Command::Pull(args) => {
-            let progress = Arc::new(Progress::new(Style::detect(args.report.quiet)));
+            let progress = reporter(&args.report);
             let result = match args.options() {
                 Ok(opts) => hydrafy::pull::pull(&opts, progress.clone(), &cancel).await,
                 Err(e) => Err(e),
             };
-            progress.finish();
-            finish(result, args.report.json)
+            finish_reported(result, &progress, args.report.json)
         }
         Command::Extract(args) => {
-            let progress = Arc::new(Progress::new(Style::detect(args.report.quiet)));
+            let progress = reporter(&args.report);
             let result = match args.options() {
                 Ok(opts) => hydrafy::extract::extract(&opts, progress.clone(), &cancel).await,
                 Err(e) => Err(e),
             };
-            progress.finish();
-            finish(result, args.report.json)
+            finish_reported(result, &progress, args.report.json)
         }
         Command::Cache(args) => {
             let action = match args.action {
@@ -126,6 +123,21 @@ fn conclude<T: serde::Serialize>(summary: &T, json: bool, failure: Option<hydraf
             e.exit_code() as u8
         }
     }
+}
+
+/// Progress on stderr in the style the options and the terminal call for.
+fn reporter(report: &hydrafy::cli::ReportArgs) -> Arc<Progress> {
+    Arc::new(Progress::new(Style::detect(report.quiet)))
+}
+
+/// Clear the progress display, then print the outcome.
+fn finish_reported<T: serde::Serialize>(
+    result: hydrafy::Result<T>,
+    progress: &Progress,
+    json: bool,
+) -> u8 {
+    progress.finish();
+    finish(result, json)
 }
 
 /// Print the outcome: the JSON summary on stdout, or one error line on stderr.
