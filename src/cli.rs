@@ -79,7 +79,7 @@ pub enum Command {
 /// `hydrafy pull`.
 #[derive(Debug, Args)]
 pub struct PullArgs {
-    /// The image: [REGISTRY/]REPO[:TAG][@sha256:HEX].
+    #[arg(help = "The image: [REGISTRY/]REPO[:TAG][@sha256:HEX]")]
     pub image: String,
     /// Where to write: PATH.tar for an oci-archive, any other PATH for an OCI layout directory.
     #[arg(long, short = 'o', value_name = "PATH")]
@@ -197,7 +197,7 @@ impl RunnerConfigArgs {
 /// `hydrafy fetch`.
 #[derive(Debug, Args)]
 pub struct FetchArgs {
-    /// The image: [REGISTRY/]REPO[:TAG][@sha256:HEX], e.g. nixos/nix@sha256:<digest>.
+    #[arg(help = "The image: [REGISTRY/]REPO[:TAG][@sha256:HEX], e.g. nixos/nix@sha256:<digest>")]
     pub image: String,
     #[command(flatten)]
     pub output: OutputArgs,

@@ -11,7 +11,7 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`reference`], [`digest`], [`platform`] | what the user names, parsed and validated |
+//! | [`reference`](mod@reference), [`digest`], [`platform`] | what the user names, parsed and validated |
 //! | [`manifest`] | manifests, indexes, configs, media types |
 //! | [`registry`], [`auth`], [`credentials`] | the distribution API, token auth, retries, mirrors |
 //! | [`blobstore`], [`cache`] | verified content-addressed blobs (the cache), `hydrafy cache` |
