@@ -234,7 +234,7 @@ impl Applier {
         ext: Extensions,
         entry: &mut tar::Entry<'_, R>,
     ) -> Result<()> {
-        let shown = String::from_utf8_lossy(name).into_owned();
+        let shown = show_name(name);
         let refuse = |reason: &str| Error::Entry {
             layer: layer.to_string(),
             entry: shown.clone(),
@@ -548,7 +548,7 @@ impl Applier {
         target: &[u8],
     ) -> std::result::Result<(), String> {
         let target_rel = fsroot::normalize(target);
-        let shown = String::from_utf8_lossy(target);
+        let shown = show_name(target);
         let Some(target_base) = target_rel.file_name().map(OsStr::to_os_string) else {
             return Err("a hard link to the root directory".to_string());
         };
@@ -566,10 +566,16 @@ impl Applier {
             .parent(parent_rel)
             .map_err(|e| format!("cannot create parent directory: {e}"))?;
         let target_parent_rel = target_rel.parent().unwrap_or(Path::new(""));
-        let target_parent = self
-            .root
-            .open_dir(target_parent_rel)
-            .map_err(|e| format!("hard link target {shown:?} cannot be reached: {e}"))?;
+        let target_parent = self.root.open_dir(target_parent_rel).map_err(|e| {
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) {
+                format!("hard link target {shown:?} does not exist in this or a lower layer")
+            } else {
+                format!("hard link target {shown:?} cannot be reached: {e}")
+            }
+        })?;
         match fsroot::stat_at(&target_parent, &target_base) {
             Ok(Node::Other) => {}
             Ok(Node::Missing) => {
@@ -709,6 +715,22 @@ fn times(t: Timespec) -> Timestamps {
     }
 }
 
+/// The longest entry name or link target quoted whole in an error.
+const SHOWN_NAME_MAX: usize = 200;
+
+/// An entry name or link target for an error message: a name may be up to
+/// 1 MiB long, and an error is one readable line, so a long one is cut.
+fn show_name(name: &[u8]) -> String {
+    if name.len() <= SHOWN_NAME_MAX {
+        return String::from_utf8_lossy(name).into_owned();
+    }
+    format!(
+        "{}... ({} bytes)",
+        String::from_utf8_lossy(&name[..SHOWN_NAME_MAX]),
+        name.len()
+    )
+}
+
 fn tar_error(layer: &str, e: io::Error) -> Error {
     Error::Layer {
         layer: layer.to_string(),
@@ -722,7 +744,7 @@ fn read_extension<R: Read>(layer: &str, entry: &mut tar::Entry<'_, R>) -> Result
     if size > MAX_EXTENSION_BYTES {
         return Err(Error::Entry {
             layer: layer.to_string(),
-            entry: String::from_utf8_lossy(&entry.header().path_bytes()).into_owned(),
+            entry: show_name(&entry.header().path_bytes()),
             reason: format!(
                 "an extended header of {size} bytes exceeds the {MAX_EXTENSION_BYTES}-byte limit"
             ),
