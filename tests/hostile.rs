@@ -30,6 +30,7 @@ use crate::support::{
 /// Library-level cases: no network, no root needed (they adapt to the user).
 mod layer {
     use std::collections::BTreeMap;
+    use std::ffi::OsStr;
     use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
     use std::path::{Path, PathBuf};
 
@@ -107,12 +108,24 @@ mod layer {
             lab
         }
 
-        /// Everything under the temp dir except the root (and its mode).
+        /// Everything under the temp dir except the root (and its mode), not
+        /// walking into the root, which may be deeper than the stack allows.
         fn outside(&self) -> BTreeMap<PathBuf, String> {
-            fingerprint(self.tmp.path())
-                .into_iter()
-                .filter(|(k, _)| !k.starts_with("root"))
-                .collect()
+            let tmp = self.tmp.path();
+            let meta = std::fs::symlink_metadata(tmp).unwrap();
+            let mut out = BTreeMap::new();
+            out.insert(
+                PathBuf::new(),
+                format!("dir {:o} {}", meta.mode() & 0o7777, meta.mtime()),
+            );
+            for name in crate::support::listing(tmp) {
+                if name != "root" {
+                    for (k, v) in fingerprint(&tmp.join(&name)) {
+                        out.insert(Path::new(&name).join(k), v);
+                    }
+                }
+            }
+            out
         }
 
         /// The canary's absolute host path for `rel` ("" for the canary itself).
@@ -1402,6 +1415,115 @@ mod layer {
         lab.assert_root_untouched();
     }
 
+    // ---- regressions ---------------------------------------------------
+
+    /// Symlinks in [`deep_tree_layer`]: 2,000 directory levels each.
+    const DEEP_LINKS: usize = 3;
+
+    /// A tree `2000 * links` directories deep from one small layer: each
+    /// entry adds 2,000 levels below a symlink to the deepest one so far.
+    fn deep_tree_layer(links: usize) -> (Vec<u8>, String) {
+        let p0 = vec!["a"; 2000].join("/");
+        let mut t = Tar::new();
+        t.file(&format!("{p0}/f"), b"x", 0o644);
+        let mut prev = format!("/{p0}");
+        for k in 1..links {
+            t.symlink(&format!("s{k}"), &prev);
+            t.file(&format!("s{k}/{p0}/f"), b"x", 0o644);
+            prev = format!("/s{k}/{p0}");
+        }
+        (t.finish(), prev)
+    }
+
+    #[test]
+    fn walking_a_tree_deeper_than_the_stack_no_longer_aborts() {
+        // Regression: removal and opaque pruning recursed once per level (and
+        // held a descriptor per level), so a layer nesting 4,000 directories
+        // overflowed the stack and aborted the process; the next run's
+        // staging cleanup then aborted too. Building such a tree also cost its
+        // depth squared (minutes for 20,000 levels; now seconds).
+        let start = std::time::Instant::now();
+        let mut lab = Lab::new();
+        let (mut deep, deepest) = deep_tree_layer(DEEP_LINKS);
+        // The same layer's opaque marker at the top walks all of it, keeping it.
+        deep.truncate(deep.len() - 1024);
+        let mut marker = Tar::new();
+        marker.opaque("");
+        deep.extend(marker.finish());
+        lab.ok(&[deep]);
+        // Only the root's own resolution reaches the bottom (the host's would
+        // follow the absolute links out, and the path is too long anyway).
+        let fsroot = hydrafy::fsroot::FsRoot::open(&lab.root).unwrap();
+        let bottom = fsroot.open_dir(Path::new(&deepest[1..])).unwrap();
+        assert_eq!(
+            hydrafy::fsroot::stat_at(&bottom, OsStr::new("f")).unwrap(),
+            hydrafy::fsroot::Node::Other
+        );
+        drop((bottom, fsroot));
+        lab.ok(&[one(|t| {
+            t.whiteout("a");
+            t.file("after", b"y", 0o644);
+        })]);
+        assert_eq!(kind(&lab.at("a")), "missing");
+        assert_eq!(read(&lab.at("after")), "y");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(90),
+            "took {:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn directory_metadata_follows_the_directory_not_the_name_it_was_given() {
+        // Regression: modes were keyed by entry name and set at the end in
+        // name order, so the same directory named twice (through a symlink)
+        // got whichever name sorted first, not the last entry's mode.
+        let mut lab = Lab::new();
+        lab.ok(&[one(|t| {
+            t.dir("real", 0o755);
+            t.symlink("alias", "real");
+            t.dir("real/sub", 0o750);
+            t.dir("alias/sub", 0o700);
+        })]);
+        assert_eq!(mode(&lab.at("real/sub")), 0o700);
+        let mut lab = Lab::new();
+        lab.ok(&[
+            one(|t| {
+                t.dir("b", 0o755);
+                t.symlink("a", "b");
+                t.dir("a/sub", 0o700);
+            }),
+            one(|t| {
+                t.whiteout("b");
+                t.dir("b", 0o755);
+                t.dir("b/sub", 0o751);
+            }),
+        ]);
+        assert_eq!(mode(&lab.at("b/sub")), 0o751);
+    }
+
+    #[test]
+    fn a_whiteout_spares_what_this_layer_wrote_under_another_name() {
+        // Regression: what a layer wrote was tracked by entry name, so a file
+        // written as `l/f` (l -> d) was removed by `d/.wh.f` in the same layer.
+        let mut lab = Lab::new();
+        lab.ok(&[
+            one(|t| {
+                t.dir("d", 0o755);
+                t.file("d/f", b"lower", 0o644);
+                t.file("d/g", b"lower", 0o644);
+                t.symlink("l", "d");
+            }),
+            one(|t| {
+                t.file("l/f", b"upper", 0o644);
+                t.whiteout("d/f");
+                t.whiteout("d/g");
+            }),
+        ]);
+        assert_eq!(read(&lab.at("d/f")), "upper");
+        assert_eq!(kind(&lab.at("d/g")), "missing");
+    }
+
     #[test]
     fn a_zstd_frame_asking_for_a_huge_window_is_refused() {
         use std::io::{Read, Write};
@@ -1645,9 +1767,39 @@ fn gzip_bomb(gib: usize) -> (Vec<u8>, String) {
     (blob, format!("sha256:{}", hex::encode(diff.finalize())))
 }
 
+/// Run `hydrafy fetch --rootfs REFERENCE -o out` under `/usr/bin/time`;
+/// returns the output and the peak resident memory in KiB.
+fn fetch_measuring_peak_rss(env: &TestEnv, reference: &str) -> (std::process::Output, u64) {
+    require_tool("time", "time");
+    let out = Command::new("/usr/bin/time")
+        .args(["-f", "peak-rss-kib=%M"])
+        .arg(env!("CARGO_BIN_EXE_hydrafy"))
+        .args([
+            "fetch",
+            "--plain-http",
+            reference,
+            "--rootfs",
+            "-o",
+            "out",
+            "-q",
+        ])
+        .env("HOME", env.join("home"))
+        .env("XDG_CACHE_HOME", env.join("cache"))
+        .env("DOCKER_CONFIG", env.join("docker"))
+        .current_dir(env.path())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    let peak_kib = err
+        .lines()
+        .find_map(|l| l.strip_prefix("peak-rss-kib="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no peak RSS in {err}"));
+    (out, peak_kib)
+}
+
 #[test]
 fn fetch_of_a_gzip_bomb_layer_streams_in_bounded_memory() {
-    require_tool("time", "time");
     let reg = Registry::start();
     let env = TestEnv::new();
     let (bytes, diff_id) = gzip_bomb(2);
@@ -1663,33 +1815,9 @@ fn fetch_of_a_gzip_bomb_layer_streams_in_bounded_memory() {
         None,
         &Image::new(Media::Oci, vec![blob]),
     );
-    let out = Command::new("/usr/bin/time")
-        .args(["-f", "peak-rss-kib=%M"])
-        .arg(env!("CARGO_BIN_EXE_hydrafy"))
-        .args([
-            "fetch",
-            "--plain-http",
-            &img.reference,
-            "--rootfs",
-            "-o",
-            "out",
-            "-q",
-        ])
-        .env("HOME", env.join("home"))
-        .env("XDG_CACHE_HOME", env.join("cache"))
-        .env("DOCKER_CONFIG", env.join("docker"))
-        .current_dir(env.path())
-        .output()
-        .unwrap();
-    let err = stderr(&out);
-    assert!(out.status.success(), "hydrafy failed: {err}");
-    let peak_kib: u64 = err
-        .lines()
-        .find_map(|l| l.strip_prefix("peak-rss-kib="))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no peak RSS in {err}"));
+    let (out, peak_kib) = fetch_measuring_peak_rss(&env, &img.reference);
+    assert!(out.status.success(), "hydrafy failed: {}", stderr(&out));
     // 2 GiB went through the decoder; a run that held it would peak above that.
-    eprintln!("peak RSS {peak_kib} KiB for a 2 GiB layer");
     assert!(
         peak_kib < 200 * 1024,
         "peak RSS {peak_kib} KiB for a 2 GiB layer"
@@ -1697,5 +1825,34 @@ fn fetch_of_a_gzip_bomb_layer_streams_in_bounded_memory() {
     assert_eq!(
         std::fs::read(env.join("out/before-the-bomb")).unwrap(),
         b"small"
+    );
+}
+
+#[test]
+fn deep_names_through_symlinks_no_longer_take_quadratic_memory() {
+    // Regression: each entry's name and every ancestor of it were kept as
+    // full path strings for the whiteout bookkeeping, so 300 entries named
+    // `xN/a/a/.../g` (xN -> ., 2,000 levels, about 4 KiB of name each) held
+    // some 1.2 GB. Bookkeeping by directory identity keeps a few bytes each.
+    let reg = Registry::start();
+    let env = TestEnv::new();
+    let deep = vec!["a"; 2000].join("/");
+    let mut t = Tar::new();
+    t.file(&format!("{deep}/f"), b"x", 0o644);
+    for i in 0..300 {
+        t.symlink(&format!("x{i}"), ".");
+        t.file(&format!("x{i}/{deep}/g{i}"), b"y", 0o644);
+    }
+    let img = push(
+        &reg.addr,
+        "hostile/deep-names",
+        None,
+        &Image::new(Media::Oci, vec![layer(&t.finish(), Comp::Gzip, Media::Oci)]),
+    );
+    let (out, peak_kib) = fetch_measuring_peak_rss(&env, &img.reference);
+    assert!(out.status.success(), "hydrafy failed: {}", stderr(&out));
+    assert!(
+        peak_kib < 200 * 1024,
+        "peak RSS {peak_kib} KiB for a 1.5 MB layer"
     );
 }
