@@ -14,8 +14,17 @@
 //! Directory modes and times are applied once, at the end of the last layer
 //! and deepest first: writing into a directory changes its mtime, and a Nix
 //! store path is 0555, which an unprivileged run could not write into.
+//!
+//! Both kinds of bookkeeping are keyed by what is on disk, not by entry
+//! names: whiteouts by (directory identity, name) and directory metadata by
+//! identity. A name reaches a directory through any number of symlinks, so
+//! keying by name let metadata land on whichever directory a name pointed to
+//! at the end, and it cost memory quadratic in the depth of a path (every
+//! ancestor of every entry, each a full path string): a small layer of deep
+//! names could take gigabytes. Identities cost a few bytes per directory on
+//! disk and per entry in the stream.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -29,7 +38,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 use tar::EntryType;
 
 use crate::error::{Error, Result};
-use crate::fsroot::{self, FsRoot, Node};
+use crate::fsroot::{self, FsRoot, Id, Node, Step};
 
 /// The largest PAX record set or GNU long name accepted (1 MiB).
 pub const MAX_EXTENSION_BYTES: u64 = 1 << 20;
@@ -95,8 +104,10 @@ struct Extensions {
 pub struct Applier {
     root: FsRoot,
     opts: ApplyOptions,
-    /// Directory metadata to set at the end, keyed by path in the root.
-    dirs: BTreeMap<PathBuf, Meta>,
+    /// Directory metadata to set at the end, by directory identity.
+    dirs: HashMap<Id, Meta>,
+    /// The root's identity (where climbing stops).
+    root_id: Id,
     /// The parent directory of the last entry, which the next usually shares.
     parent_cache: Option<(PathBuf, OwnedFd)>,
     cancel: Option<Arc<AtomicBool>>,
@@ -107,28 +118,46 @@ pub struct Applier {
     skip_store_paths: HashSet<OsString>,
 }
 
-/// Per-layer bookkeeping for whiteouts.
+/// Per-layer bookkeeping for whiteouts: what the current layer wrote.
 #[derive(Default)]
 struct Written {
-    paths: HashSet<PathBuf>,
-    ancestors: HashSet<PathBuf>,
+    /// Directory entries written, as (identity of the directory, name).
+    entries: HashSet<(Id, std::ffi::OsString)>,
+    /// Directories holding something written, at any depth.
+    dirs: HashSet<Id>,
 }
 
 impl Written {
-    fn mark(&mut self, rel: &Path) {
-        self.paths.insert(rel.to_path_buf());
-        let mut cur = rel.parent();
-        while let Some(p) = cur {
-            if !self.ancestors.insert(p.to_path_buf()) {
-                break;
-            }
-            cur = p.parent();
+    /// Record that `name` in `parent` was written, and that `parent` and the
+    /// directories above it, up to the root, hold something written.
+    fn mark(&mut self, root: Id, parent: &OwnedFd, name: &OsStr) -> io::Result<()> {
+        let mut id = fsroot::id_of(parent)?;
+        self.entries.insert((id, name.to_os_string()));
+        let mut cur: Option<OwnedFd> = None;
+        // Each directory is climbed past once per layer, so this costs the
+        // number of directories, not the depth of every entry.
+        while self.dirs.insert(id) && id != root {
+            let up = rustix::fs::openat(
+                cur.as_ref().unwrap_or(parent),
+                "..",
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            id = fsroot::id_of(&up)?;
+            cur = Some(up);
         }
+        Ok(())
     }
 
-    /// Did this layer write `rel` or anything below it?
-    fn touched(&self, rel: &Path) -> bool {
-        self.paths.contains(rel) || self.ancestors.contains(rel)
+    /// Did this layer write `name` in the directory `parent`?
+    fn wrote(&self, parent: Id, name: &OsStr) -> bool {
+        self.entries.contains(&(parent, name.to_os_string()))
+    }
+
+    /// Does `name` in `parent` (a directory `id`, if it is one) hold or
+    /// stand for something this layer wrote?
+    fn touched(&self, parent: Id, name: &OsStr, dir: Option<Id>) -> bool {
+        self.wrote(parent, name) || dir.is_some_and(|d| self.dirs.contains(&d))
     }
 }
 
@@ -137,10 +166,13 @@ impl Applier {
     pub fn new(root: &Path, opts: ApplyOptions) -> Result<Applier> {
         let root =
             FsRoot::open(root).map_err(|e| Error::io(root, "cannot open the unpack root", e))?;
+        let root_id = fsroot::id_of(root.fd())
+            .map_err(|e| Error::io(root.path(), "cannot open the unpack root", e))?;
         Ok(Applier {
             root,
             opts,
-            dirs: BTreeMap::new(),
+            dirs: HashMap::new(),
+            root_id,
             parent_cache: None,
             cancel: None,
             buf: vec![0; 256 << 10],
@@ -257,7 +289,7 @@ impl Applier {
         ext: Extensions,
         entry: &mut tar::Entry<'_, R>,
     ) -> Result<()> {
-        let shown = String::from_utf8_lossy(name).into_owned();
+        let shown = show_name(name);
         let refuse = |reason: &str| Error::Entry {
             layer: layer.to_string(),
             entry: shown.clone(),
@@ -318,7 +350,7 @@ impl Applier {
         let meta = self.meta(&header, &ext).map_err(|reason| refuse(&reason))?;
         let Some(base) = rel.file_name().map(OsStr::to_os_string) else {
             if kind == EntryType::Directory {
-                self.dirs.insert(PathBuf::new(), meta);
+                self.dirs.insert(self.root_id, meta);
                 return Ok(());
             }
             return Err(refuse("the entry would replace the root directory"));
@@ -334,7 +366,7 @@ impl Applier {
                     Node::Dir => {}
                     found => {
                         if found == Node::Other {
-                            self.remove(&parent, &base, &rel)
+                            self.remove(&parent, &base)
                                 .map_err(io_err("cannot replace"))?;
                         }
                         rustix::fs::mkdirat(&parent, &base, Mode::from_raw_mode(0o700))
@@ -342,11 +374,14 @@ impl Applier {
                         self.stats.dirs += 1;
                     }
                 }
-                self.dirs.insert(rel.clone(), meta);
+                let dir = fsroot::open_child_dir(&parent, &base)
+                    .and_then(fsroot::id_of)
+                    .map_err(io_err("cannot open directory"))?;
+                self.dirs.insert(dir, meta);
             }
             EntryType::Regular | EntryType::Continuous => {
                 let parent = self
-                    .clear_slot(&parent_rel, &base, &rel)
+                    .clear_slot(&parent_rel, &base)
                     .map_err(io_err("cannot make room"))?;
                 let fd = rustix::fs::openat(
                     &parent,
@@ -385,7 +420,7 @@ impl Applier {
                     return Err(refuse("the symlink target holds a NUL byte"));
                 }
                 let parent = self
-                    .clear_slot(&parent_rel, &base, &rel)
+                    .clear_slot(&parent_rel, &base)
                     .map_err(io_err("cannot make room"))?;
                 rustix::fs::symlinkat(OsStr::from_bytes(&target), &parent, &base)
                     .map_err(|e| io_err("cannot create symlink")(e.into()))?;
@@ -421,7 +456,7 @@ impl Applier {
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
                 let parent = self
-                    .clear_slot(&parent_rel, &base, &rel)
+                    .clear_slot(&parent_rel, &base)
                     .map_err(io_err("cannot make room"))?;
                 if !self.opts.special_files {
                     self.stats.skipped_special += 1;
@@ -465,7 +500,12 @@ impl Applier {
                 )));
             }
         }
-        written.mark(&rel);
+        let parent = self
+            .parent(&parent_rel)
+            .map_err(io_err("cannot open parent directory"))?;
+        written
+            .mark(self.root_id, &parent, &base)
+            .map_err(io_err("cannot record what the layer wrote"))?;
         Ok(())
     }
 
@@ -536,40 +576,36 @@ impl Applier {
             gid: 0,
             mtime: None,
         };
-        let fd = root.mkdir_all(rel, &mut |made| {
-            dirs.insert(made.to_path_buf(), implicit);
+        let mut failed = None;
+        let fd = root.mkdir_all(rel, &mut |_, made| match fsroot::id_of(made) {
+            // A new directory may reuse a removed one's inode: overwrite.
+            Ok(id) => {
+                dirs.insert(id, implicit);
+            }
+            Err(e) => failed = Some(e),
         })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
         self.parent_cache = Some((rel.to_path_buf(), fd.try_clone()?));
         Ok(fd)
     }
 
     /// Make sure nothing is at `parent_rel/base`, returning the parent.
-    fn clear_slot(&mut self, parent_rel: &Path, base: &OsStr, rel: &Path) -> io::Result<OwnedFd> {
+    fn clear_slot(&mut self, parent_rel: &Path, base: &OsStr) -> io::Result<OwnedFd> {
         let parent = self.parent(parent_rel)?;
         if fsroot::stat_at(&parent, base)? != Node::Missing {
-            self.remove(&parent, base, rel)?;
+            self.remove(&parent, base)?;
         }
         Ok(parent)
     }
 
-    /// Remove `base` in `parent` (whole tree), forgetting what we knew of it.
-    fn remove(&mut self, parent: &OwnedFd, base: &OsStr, rel: &Path) -> io::Result<()> {
-        fsroot::remove_all_at(parent, base)?;
-        self.forget(rel);
-        Ok(())
-    }
-
-    fn forget(&mut self, rel: &Path) {
+    /// Remove `base` in `parent` (whole tree). The metadata of directories
+    /// removed stays behind, harmlessly: it is keyed by identity, and a new
+    /// directory that reuses an inode overwrites it.
+    fn remove(&mut self, parent: &OwnedFd, base: &OsStr) -> io::Result<()> {
         self.parent_cache = None;
-        let doomed: Vec<PathBuf> = self
-            .dirs
-            .range(rel.to_path_buf()..)
-            .take_while(|(k, _)| k.starts_with(rel))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in doomed {
-            self.dirs.remove(&k);
-        }
+        fsroot::remove_all_at(parent, base)
     }
 
     fn hardlink(
@@ -580,7 +616,7 @@ impl Applier {
         target: &[u8],
     ) -> std::result::Result<(), String> {
         let target_rel = fsroot::normalize(target);
-        let shown = String::from_utf8_lossy(target);
+        let shown = show_name(target);
         let Some(target_base) = target_rel.file_name().map(OsStr::to_os_string) else {
             return Err("a hard link to the root directory".to_string());
         };
@@ -598,10 +634,16 @@ impl Applier {
             .parent(parent_rel)
             .map_err(|e| format!("cannot create parent directory: {e}"))?;
         let target_parent_rel = target_rel.parent().unwrap_or(Path::new(""));
-        let target_parent = self
-            .root
-            .open_dir(target_parent_rel)
-            .map_err(|e| format!("hard link target {shown:?} cannot be reached: {e}"))?;
+        let target_parent = self.root.open_dir(target_parent_rel).map_err(|e| {
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) {
+                format!("hard link target {shown:?} does not exist in this or a lower layer")
+            } else {
+                format!("hard link target {shown:?} cannot be reached: {e}")
+            }
+        })?;
         match fsroot::stat_at(&target_parent, &target_base) {
             Ok(Node::Other) => {}
             Ok(Node::Missing) => {
@@ -613,7 +655,7 @@ impl Applier {
             Err(e) => return Err(format!("hard link target {shown:?}: {e}")),
         }
         if fsroot::stat_at(&parent, base).map_err(|e| e.to_string())? != Node::Missing {
-            self.remove(&parent, base, rel)
+            self.remove(&parent, base)
                 .map_err(|e| format!("cannot replace: {e}"))?;
         }
         rustix::fs::linkat(
@@ -630,7 +672,6 @@ impl Applier {
 
     /// `.wh.NAME` in `parent_rel`: remove what lower layers put at NAME.
     fn whiteout(&mut self, written: &Written, parent_rel: &Path, name: &OsStr) -> io::Result<()> {
-        let target_rel = parent_rel.join(name);
         let parent = match self.root.open_dir(parent_rel) {
             Ok(fd) => fd,
             Err(e)
@@ -643,14 +684,20 @@ impl Applier {
             }
             Err(e) => return Err(e),
         };
+        let parent_id = fsroot::id_of(&parent)?;
         match fsroot::stat_at(&parent, name)? {
             Node::Missing => Ok(()),
-            Node::Dir if written.touched(&target_rel) => {
+            Node::Dir => {
                 let dir = fsroot::open_child_dir(&parent, name)?;
-                self.prune(written, &dir, &target_rel)
+                let id = fsroot::id_of(&dir)?;
+                if written.touched(parent_id, name, Some(id)) {
+                    self.prune(written, &dir)
+                } else {
+                    self.remove(&parent, name)
+                }
             }
-            Node::Other if written.paths.contains(&target_rel) => Ok(()),
-            _ => self.remove(&parent, name, &target_rel),
+            Node::Other if written.wrote(parent_id, name) => Ok(()),
+            Node::Other => self.remove(&parent, name),
         }
     }
 
@@ -663,24 +710,25 @@ impl Applier {
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        self.prune(written, &dir, dir_rel)
+        self.prune(written, &dir)
     }
 
     /// Remove everything below `dir` that the current layer did not write.
-    fn prune(&mut self, written: &Written, dir: &OwnedFd, dir_rel: &Path) -> io::Result<()> {
+    fn prune(&mut self, written: &Written, dir: &OwnedFd) -> io::Result<()> {
+        self.parent_cache = None;
         fsroot::make_writable(dir)?;
-        for name in fsroot::list_dir(dir)? {
-            let child_rel = dir_rel.join(&name);
-            if written.touched(&child_rel) {
-                if fsroot::stat_at(dir, name.as_os_str())? == Node::Dir {
-                    let child = fsroot::open_child_dir(dir, name.as_os_str())?;
-                    self.prune(written, &child, &child_rel)?;
-                }
-            } else {
-                self.remove(dir, name.as_os_str(), &child_rel)?;
-            }
-        }
-        Ok(())
+        fsroot::walk(
+            dir,
+            &mut |parent, name, node, id| {
+                let dir = (node == Node::Dir).then_some(id);
+                Ok(if written.touched(parent, name, dir) {
+                    Step::Descend
+                } else {
+                    Step::Remove
+                })
+            },
+            &mut |_| Ok(()),
+        )
     }
 
     /// Set the deferred directory owners, modes and times, deepest first.
@@ -688,50 +736,39 @@ impl Applier {
     pub fn finish(&mut self) -> Result<()> {
         self.parent_cache = None;
         let dirs = std::mem::take(&mut self.dirs);
-        for (rel, meta) in dirs.iter().rev() {
-            let fd = if rel.as_os_str().is_empty() {
-                rustix::fs::openat(
-                    self.root.fd(),
-                    ".",
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(io::Error::from)
-            } else {
-                let base = rel.file_name().unwrap_or_default();
-                self.root
-                    .open_dir(rel.parent().unwrap_or(Path::new("")))
-                    .and_then(|parent| fsroot::open_child_dir(&parent, base))
-            };
-            let fd = match fd {
-                Ok(fd) => fd,
-                // Replaced by a symlink or removed through another name since: nothing to fix.
-                Err(e) if e.raw_os_error().is_some_and(is_gone) => continue,
-                Err(e) => {
-                    return Err(Error::io(
-                        self.root.path().join(rel),
-                        "cannot open directory to set its mode",
-                        e,
-                    ));
-                }
-            };
-            self.set_fd_meta(&fd, meta).map_err(|e| {
-                Error::io(
-                    self.root.path().join(rel),
-                    "cannot set directory owner, mode or mtime",
-                    e,
-                )
-            })?;
-        }
-        Ok(())
+        let root = rustix::fs::openat(
+            self.root.fd(),
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io(self.root.path(), "cannot open the unpack root", e.into()))?;
+        let mut set = |fd: &OwnedFd| -> io::Result<()> {
+            match dirs.get(&fsroot::id_of(fd)?) {
+                Some(meta) => self.set_fd_meta(fd, meta),
+                None => Ok(()),
+            }
+        };
+        fsroot::walk(
+            &root,
+            &mut |_, _, node, _| {
+                Ok(if node == Node::Dir {
+                    Step::Descend
+                } else {
+                    Step::Keep
+                })
+            },
+            &mut set,
+        )
+        .and_then(|()| set(&root))
+        .map_err(|e| {
+            Error::io(
+                self.root.path(),
+                "cannot set directory owners, modes and times",
+                e,
+            )
+        })
     }
-}
-
-fn is_gone(errno: i32) -> bool {
-    use rustix::io::Errno;
-    [Errno::NOENT, Errno::NOTDIR, Errno::LOOP]
-        .iter()
-        .any(|e| e.raw_os_error() == errno)
 }
 
 fn times(t: Timespec) -> Timestamps {
@@ -739,6 +776,22 @@ fn times(t: Timespec) -> Timestamps {
         last_access: t,
         last_modification: t,
     }
+}
+
+/// The longest entry name or link target quoted whole in an error.
+const SHOWN_NAME_MAX: usize = 200;
+
+/// An entry name or link target for an error message: a name may be up to
+/// 1 MiB long, and an error is one readable line, so a long one is cut.
+fn show_name(name: &[u8]) -> String {
+    if name.len() <= SHOWN_NAME_MAX {
+        return String::from_utf8_lossy(name).into_owned();
+    }
+    format!(
+        "{}... ({} bytes)",
+        String::from_utf8_lossy(&name[..SHOWN_NAME_MAX]),
+        name.len()
+    )
 }
 
 fn tar_error(layer: &str, e: io::Error) -> Error {
@@ -754,7 +807,7 @@ fn read_extension<R: Read>(layer: &str, entry: &mut tar::Entry<'_, R>) -> Result
     if size > MAX_EXTENSION_BYTES {
         return Err(Error::Entry {
             layer: layer.to_string(),
-            entry: String::from_utf8_lossy(&entry.header().path_bytes()).into_owned(),
+            entry: show_name(&entry.header().path_bytes()),
             reason: format!(
                 "an extended header of {size} bytes exceeds the {MAX_EXTENSION_BYTES}-byte limit"
             ),

@@ -17,6 +17,13 @@
 //! - Nothing that exists is opened for writing: a node in the way is removed
 //!   and a new one created, so a FIFO or device node planted by an earlier
 //!   layer can never be written to.
+//! - Tree walks (removal, pruning, the final pass over directory modes) are
+//!   loops, not recursion, and hold two descriptors whatever the depth: a
+//!   layer can nest directories far deeper than a thread's stack or the
+//!   descriptor limit (symlinks let each entry add another PATH_MAX of
+//!   depth). Climbing back up uses `..`, checked against the device and inode
+//!   seen on the way down, so a directory moved meanwhile stops the walk
+//!   instead of sending it elsewhere.
 
 use std::ffi::OsStr;
 use std::io;
@@ -34,6 +41,20 @@ const MAX_LINK_HOPS: usize = 40;
 pub struct FsRoot {
     fd: OwnedFd,
     path: PathBuf,
+}
+
+/// A file's identity: device and inode numbers.
+pub type Id = (u64, u64);
+
+/// The identity of the file `fd` refers to.
+pub fn id_of(fd: impl AsFd) -> io::Result<Id> {
+    Ok(stat_id(&rustix::fs::fstat(fd)?))
+}
+
+// `st_dev` and `st_ino` are not u64 on every target.
+#[allow(clippy::unnecessary_cast)]
+fn stat_id(st: &rustix::fs::Stat) -> Id {
+    (st.st_dev as u64, st.st_ino as u64)
 }
 
 /// What `stat_at` found at a name, without following it.
@@ -89,16 +110,21 @@ impl FsRoot {
     /// Like [`FsRoot::open_dir`], creating missing directories (mode 0700, so
     /// that an unprivileged run can still write into them; the caller fixes
     /// modes later). `created` is told each directory made, by the path it was
-    /// made under (through a dangling link: the link's target). A dangling symlink on the way is followed to
-    /// where it points, inside the root, and that directory is created.
-    pub fn mkdir_all(&self, rel: &Path, created: &mut dyn FnMut(&Path)) -> io::Result<OwnedFd> {
+    /// made under (through a dangling link: the link's target) and an `O_PATH`
+    /// descriptor on it. A dangling symlink on the way is followed to where it
+    /// points, inside the root, and that directory is created.
+    pub fn mkdir_all(
+        &self,
+        rel: &Path,
+        created: &mut dyn FnMut(&Path, &OwnedFd),
+    ) -> io::Result<OwnedFd> {
         self.mkdir_all_hops(rel, created, 0)
     }
 
     fn mkdir_all_hops(
         &self,
         rel: &Path,
-        created: &mut dyn FnMut(&Path),
+        created: &mut dyn FnMut(&Path, &OwnedFd),
         hops: usize,
     ) -> io::Result<OwnedFd> {
         match self.open_dir(rel) {
@@ -110,16 +136,35 @@ impl FsRoot {
         for component in rel.components() {
             let name = component.as_os_str();
             prefix.push(name);
-            match self.open_dir(&prefix) {
+            // A real directory is stepped into from its parent. Resolving the
+            // whole prefix again for each component (as the kernel must when
+            // it holds symlinks) made a deep path cost its depth squared.
+            match open_child_path(&parent, name) {
                 Ok(fd) => {
                     parent = fd;
                     continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+                Err(rustix::io::Errno::NOENT) => {}
+                Err(rustix::io::Errno::NOTDIR) | Err(rustix::io::Errno::LOOP) => {
+                    // A symlink (or a file): the kernel resolves it inside the root.
+                    match self.open_dir(&prefix) {
+                        Ok(fd) => {
+                            parent = fd;
+                            continue;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e.into()),
             }
             match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o700)) {
-                Ok(()) => created(&prefix),
+                Ok(()) => {
+                    let made = open_child_path(&parent, name)?;
+                    created(&prefix, &made);
+                    parent = made;
+                    continue;
+                }
                 Err(rustix::io::Errno::EXIST) => {
                     // Something is there yet does not resolve: a dangling symlink.
                     let stat = rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
@@ -149,10 +194,20 @@ impl FsRoot {
                 }
                 Err(e) => return Err(e.into()),
             }
-            parent = self.open_dir(&prefix)?;
         }
         Ok(parent)
     }
+}
+
+/// An `O_PATH` descriptor on the directory `name` in `dir`, not following a
+/// symlink (`ENOTDIR` for one).
+fn open_child_path(dir: &OwnedFd, name: &OsStr) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
 }
 
 fn libc_eloop() -> i32 {
@@ -187,18 +242,9 @@ pub fn open_child_dir(dir: impl AsFd, name: &OsStr) -> io::Result<OwnedFd> {
 /// unprivileged user can empty it.
 pub fn remove_all_at(dir: impl AsFd, name: &OsStr) -> io::Result<()> {
     let dir = dir.as_fd();
-    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
-        Ok(()) => return Ok(()),
-        Err(rustix::io::Errno::NOENT) => return Ok(()),
-        Err(rustix::io::Errno::ISDIR) | Err(rustix::io::Errno::PERM) => {}
-        Err(e) => return Err(e.into()),
-    }
-    match stat_at(dir, name)? {
-        Node::Missing => return Ok(()),
-        Node::Other => return Ok(rustix::fs::unlinkat(dir, name, AtFlags::empty())?),
-        Node::Dir => {}
-    }
-    let child = open_child_dir(dir, name)?;
+    let Some(child) = unlink_or_open_dir(dir, name)? else {
+        return Ok(());
+    };
     empty_dir(&child)?;
     match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
         Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
@@ -206,11 +252,167 @@ pub fn remove_all_at(dir: impl AsFd, name: &OsStr) -> io::Result<()> {
     }
 }
 
+/// Unlink `name` unless it is a directory; a directory is opened (not
+/// following a symlink), made writable and returned.
+fn unlink_or_open_dir(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<OwnedFd>> {
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(rustix::io::Errno::ISDIR) | Err(rustix::io::Errno::PERM) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match stat_at(dir, name)? {
+        Node::Missing => return Ok(None),
+        Node::Other => {
+            rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
+            return Ok(None);
+        }
+        Node::Dir => {}
+    }
+    let child = open_child_dir(dir, name)?;
+    make_writable(&child)?;
+    Ok(Some(child))
+}
+
 /// Remove everything inside the open directory `dir`.
 pub fn empty_dir(dir: &OwnedFd) -> io::Result<()> {
     make_writable(dir)?;
-    for name in list_dir(dir)? {
-        remove_all_at(dir, name.as_os_str())?;
+    walk(dir, &mut |_, _, _, _| Ok(Step::Remove), &mut |_| Ok(()))
+}
+
+/// What [`walk`] does with one entry of a directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Leave it (and, for a directory, what is inside) alone.
+    Keep,
+    /// Visit the entries of this directory too (nothing for a non-directory).
+    Descend,
+    /// Remove it, and for a directory everything below it.
+    Remove,
+}
+
+/// One directory on the walk's path down from the top.
+struct Frame {
+    id: Id,
+    /// Its name in its parent.
+    name: std::ffi::OsString,
+    /// Entries not visited yet.
+    pending: Vec<PathBuf>,
+    /// Inside a directory being removed: everything goes.
+    removing: bool,
+}
+
+/// Walk the tree below the open directory `top`, depth first, without
+/// following symlinks, in a loop that holds two descriptors at most.
+///
+/// `visit(dir, name, node, id)` decides for each entry of each directory
+/// visited (`dir` is the identity of the directory holding it, `id` the
+/// entry's own); the entries of a directory being removed are not shown. `leave(fd)` is called for each
+/// directory descended into once its entries are done, after the walk holds
+/// its parent again (so it may take away the directory's search permission).
+pub fn walk(
+    top: &OwnedFd,
+    visit: &mut dyn FnMut(Id, &OsStr, Node, Id) -> io::Result<Step>,
+    leave: &mut dyn FnMut(&OwnedFd) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut frames = Vec::new();
+    walk_frames(top, &mut frames, visit, leave).map_err(|e| {
+        // Say where, below the top: the tail of the path is what tells.
+        let path: PathBuf = frames.iter().skip(1).map(|f| f.name.as_os_str()).collect();
+        let path = path.as_os_str().as_bytes();
+        if path.is_empty() {
+            return e;
+        }
+        let tail = &path[path.len().saturating_sub(200)..];
+        let cut = if tail.len() < path.len() { ".../" } else { "" };
+        io::Error::new(
+            e.kind(),
+            format!("{cut}{}: {e}", String::from_utf8_lossy(tail)),
+        )
+    })
+}
+
+fn walk_frames(
+    top: &OwnedFd,
+    frames: &mut Vec<Frame>,
+    visit: &mut dyn FnMut(Id, &OsStr, Node, Id) -> io::Result<Step>,
+    leave: &mut dyn FnMut(&OwnedFd) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut cur = rustix::fs::openat(
+        top,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    frames.push(Frame {
+        id: id_of(&cur)?,
+        name: std::ffi::OsString::new(),
+        pending: list_dir(&cur)?,
+        removing: false,
+    });
+    while let Some(frame) = frames.last_mut() {
+        if let Some(name) = frame.pending.pop() {
+            let name = name.into_os_string();
+            let child = if frame.removing {
+                unlink_or_open_dir(cur.as_fd(), &name)?.map(|fd| (fd, true))
+            } else {
+                let (node, id) = match rustix::fs::statat(&cur, &name, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) => (
+                        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+                            Node::Dir
+                        } else {
+                            Node::Other
+                        },
+                        stat_id(&st),
+                    ),
+                    Err(rustix::io::Errno::NOENT) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                match (visit(frame.id, &name, node, id)?, node) {
+                    (_, Node::Missing) | (Step::Keep, _) | (Step::Descend, Node::Other) => None,
+                    (Step::Remove, _) => {
+                        unlink_or_open_dir(cur.as_fd(), &name)?.map(|fd| (fd, true))
+                    }
+                    (Step::Descend, Node::Dir) => Some((open_child_dir(&cur, &name)?, false)),
+                }
+            };
+            if let Some((fd, removing)) = child {
+                frames.push(Frame {
+                    id: id_of(&fd)?,
+                    name,
+                    pending: list_dir(&fd)?,
+                    removing,
+                });
+                cur = fd;
+            }
+            continue;
+        }
+        // This directory is done: climb back to its parent.
+        if frames.len() == 1 {
+            frames.clear();
+            break; // the top
+        }
+        let parent = rustix::fs::openat(
+            &cur,
+            "..",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        if Some(id_of(&parent)?) != frames.len().checked_sub(2).map(|i| frames[i].id) {
+            return Err(io::Error::other(
+                "the directory was moved while its tree was walked",
+            ));
+        }
+        match frames.last() {
+            Some(done) if done.removing => {
+                match rustix::fs::unlinkat(&parent, &done.name, AtFlags::REMOVEDIR) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            _ => leave(&cur)?,
+        }
+        frames.pop();
+        cur = parent;
     }
     Ok(())
 }
@@ -319,7 +521,7 @@ mod tests {
         std::os::unix::fs::symlink("../../..", root_path.join("up")).unwrap();
         let root = FsRoot::open(&root_path).unwrap();
         let mut made = Vec::new();
-        root.mkdir_all(Path::new("var/run/a/b"), &mut |p| {
+        root.mkdir_all(Path::new("var/run/a/b"), &mut |p, _| {
             made.push(p.to_path_buf())
         })
         .unwrap();
@@ -332,7 +534,7 @@ mod tests {
                 PathBuf::from("run/a/b")
             ]
         );
-        root.mkdir_all(Path::new("up/escaped"), &mut |_| {})
+        root.mkdir_all(Path::new("up/escaped"), &mut |_, _| {})
             .unwrap();
         assert!(root_path.join("escaped").is_dir());
         assert!(!tmp.path().join("escaped").exists());

@@ -4,6 +4,7 @@ mod support;
 
 mod airgap;
 mod fetch;
+mod hostile;
 mod merge;
 mod nixdb;
 mod registry;

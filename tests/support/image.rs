@@ -118,6 +118,23 @@ impl Tar {
         self
     }
 
+    /// Append a header the caller built (owner, device numbers, any type) and its data.
+    pub fn header(&mut self, h: &tar::Header, data: &[u8]) -> &mut Tar {
+        self.push_header_and_data(h, data);
+        self
+    }
+
+    /// Append bytes as they are (garbage, a truncated entry).
+    pub fn raw_bytes(&mut self, bytes: &[u8]) -> &mut Tar {
+        self.out.extend_from_slice(bytes);
+        self
+    }
+
+    /// The stream so far, without the end marker.
+    pub fn unfinished(&self) -> Vec<u8> {
+        self.out.clone()
+    }
+
     fn push_header_and_data(&mut self, h: &tar::Header, data: &[u8]) {
         self.out.extend_from_slice(h.as_bytes());
         self.out.extend_from_slice(data);
