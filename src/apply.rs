@@ -24,7 +24,7 @@
 //! names could take gigabytes. Identities cost a few bytes per directory on
 //! disk and per entry in the stream.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -116,6 +116,9 @@ pub struct Applier {
     warnings: Vec<String>,
     /// Store paths (names under `nix/store`) not to write: a `--merge` target has them.
     skip_store_paths: HashSet<OsString>,
+    /// Per applied layer: the store paths it holds, or `None` when it holds
+    /// anything else too (see [`Applier::take_layer_log`]).
+    layer_log: Vec<Option<BTreeSet<String>>>,
 }
 
 /// Per-layer bookkeeping for whiteouts: what the current layer wrote.
@@ -179,6 +182,7 @@ impl Applier {
             stats: ApplyStats::default(),
             warnings: Vec::new(),
             skip_store_paths: HashSet::new(),
+            layer_log: Vec::new(),
         })
     }
 
@@ -207,6 +211,40 @@ impl Applier {
                 .is_some_and(|name| self.skip_store_paths.contains(name))
     }
 
+    /// For each layer applied so far, in order: the store paths (`HASH-NAME`)
+    /// it holds when it holds nothing but store paths, else `None`. A later
+    /// `--merge` can skip such a layer outright when the seed has them all.
+    pub fn take_layer_log(&mut self) -> Vec<Option<Vec<String>>> {
+        std::mem::take(&mut self.layer_log)
+            .into_iter()
+            .map(|l| l.map(|set| set.into_iter().collect()))
+            .collect()
+    }
+
+    /// Note which store path (if any) `rel` belongs to, for the layer log.
+    fn log_store_path(&mut self, rel: &Path) {
+        let Some(Some(paths)) = self.layer_log.last_mut() else {
+            return;
+        };
+        let parts: Vec<&OsStr> = rel.components().map(|c| c.as_os_str()).collect();
+        let whiteout = parts
+            .iter()
+            .any(|p| p.as_bytes().starts_with(WHITEOUT_PREFIX));
+        let only_store = match parts.as_slice() {
+            [] => true,
+            [nix] => *nix == "nix",
+            [nix, store] => *nix == "nix" && *store == "store",
+            [nix, store, name, ..] if *nix == "nix" && *store == "store" && !whiteout => {
+                paths.insert(name.to_string_lossy().into_owned());
+                true
+            }
+            _ => false,
+        };
+        if !only_store || whiteout {
+            *self.layer_log.last_mut().expect("a layer is being applied") = None;
+        }
+    }
+
     /// Totals over all layers so far.
     pub fn stats(&self) -> &ApplyStats {
         &self.stats
@@ -224,6 +262,7 @@ impl Applier {
     pub fn apply_layer<R: Read>(&mut self, layer: &str, reader: R) -> Result<()> {
         let mut archive = tar::Archive::new(reader);
         let mut written = Written::default();
+        self.layer_log.push(Some(BTreeSet::new()));
         let skipped_before = self.stats.skipped_special;
         self.parent_cache = None;
         {
@@ -311,6 +350,7 @@ impl Applier {
             ));
         }
         let rel = fsroot::normalize(name);
+        self.log_store_path(&rel);
         if self.skipped(&rel) {
             return Ok(());
         }

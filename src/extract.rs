@@ -6,18 +6,16 @@
 //! `docker save` archive instead of a registry. No network client is ever
 //! created on this path.
 
-use std::collections::HashSet;
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::apply::{Applier, ApplyOptions, ApplyStats};
+use crate::apply::{Applier, ApplyOptions};
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::fetch::{
-    ResolvedImage, Summary, already_holds, check_merge, finish_output, merges_into,
-    present_store_paths, summary_of,
+    ResolvedImage, SkipPlan, Summary, Unpacked, already_holds, check_merge, finish_output,
+    summary_of,
 };
 use crate::layout::Archive;
 use crate::output::{Existing, OutputDir, Staging};
@@ -66,66 +64,68 @@ pub async fn extract(
     reporter.info(&resolved.describe());
 
     let staging = out.stage()?;
-    let merging = merges_into(&out, opts.existing);
-    let skip = if merging {
-        present_store_paths(&out)?
-    } else {
-        HashSet::new()
-    };
+    let plan = SkipPlan::new(&out, opts.existing, &resolved)?;
     let apply = ApplyOptions::for_current_user(opts.rootfs);
-    let stats = match unpack_archive(
-        &archive, &resolved, &staging, apply, skip, &reporter, cancel,
+    let unpacked = match unpack_archive(
+        &archive, &resolved, &staging, apply, &plan, &reporter, cancel,
     )
     .await
     {
         Err(Error::SkippedLinkTarget { .. }) => {
             reporter.info("a new store path hard-links into one the seed already has; unpacking the whole image");
             staging.reset_rootfs()?;
+            let none = SkipPlan::none(&resolved);
             unpack_archive(
-                &archive,
-                &resolved,
-                &staging,
-                apply,
-                HashSet::new(),
-                &reporter,
-                cancel,
+                &archive, &resolved, &staging, apply, &none, &reporter, cancel,
             )
             .await?
         }
         other => other?,
     };
     let merged = finish_output(
-        &out, staging, layout, &resolved, merging, &*reporter, cancel,
+        &out,
+        staging,
+        layout,
+        &resolved,
+        &unpacked,
+        plan.merging,
+        &*reporter,
+        cancel,
     )?;
     reporter.finish();
-    let mut summary = summary_of(&resolved, &out, &stats, 0, start);
+    let mut summary = summary_of(&resolved, &out, &unpacked.stats, 0, start);
     summary.merge = merged;
     Ok(summary)
 }
 
-/// Unpack the archive's layers into the staging root, skipping `skip`'s store paths.
+/// Unpack the archive's layers into the staging root, as `plan` allows.
 async fn unpack_archive(
     archive: &Archive,
     resolved: &ResolvedImage,
     staging: &Staging,
     apply: ApplyOptions,
-    skip: HashSet<OsString>,
+    plan: &SkipPlan,
     reporter: &Arc<dyn Reporter>,
     cancel: &Cancel,
-) -> Result<ApplyStats> {
-    let layers = archive.layer_inputs(resolved)?;
+) -> Result<Unpacked> {
+    let layers = archive.layer_inputs(resolved, &plan.layers)?;
     reporter.layer_total(layers.len() as u64);
     let mut applier = Applier::new(&staging.rootfs(), apply)?;
-    applier.skip_store_paths(skip);
+    applier.skip_store_paths(plan.paths.clone());
     applier.set_cancel(cancel.flag());
     let flag = cancel.flag();
     let unpack_reporter = Arc::clone(reporter);
-    let (stats, result) = tokio::task::spawn_blocking(move || {
+    let (stats, log, result) = tokio::task::spawn_blocking(move || {
         let result = unpack::unpack(&mut applier, layers, &flag, &*unpack_reporter)
             .and_then(|()| applier.finish());
-        (applier.stats().clone(), result)
+        (applier.stats().clone(), applier.take_layer_log(), result)
     })
     .await
     .expect("unpack thread panicked");
-    result.map(|()| stats)
+    result?;
+    Ok(Unpacked {
+        stats,
+        store_layers: plan.store_layers(resolved, log),
+        downloaded: 0,
+    })
 }

@@ -14,7 +14,7 @@
 //! manifests from a file instead of a registry.
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::Read;
 use std::path::PathBuf;
@@ -39,7 +39,7 @@ use crate::platform::Platform;
 use crate::progress::Reporter;
 use crate::reference::ImageRef;
 use crate::registry::{Registry, RegistryOptions};
-use crate::state::{ImageRecord, Layout, State};
+use crate::state::{ImageRecord, Layout, State, StoreLayer};
 use crate::unpack::{self, LayerInput};
 
 /// Everything `fetch` needs to know.
@@ -98,8 +98,9 @@ pub struct ResolvedImage {
 }
 
 impl ResolvedImage {
-    /// The state-file record for this image.
-    pub fn record(&self) -> ImageRecord {
+    /// The state-file record for this image, with the store-only layers
+    /// unpacking found.
+    pub fn record(&self, store_layers: Vec<StoreLayer>) -> ImageRecord {
         ImageRecord {
             reference: self.name.clone(),
             index_digest: self.index_digest,
@@ -107,6 +108,7 @@ impl ResolvedImage {
             config_digest: self.manifest.config.digest,
             platform: self.platform.to_string(),
             layers: self.manifest.layers.len(),
+            store_layers,
         }
     }
 
@@ -316,46 +318,142 @@ pub async fn fetch(
         Some(dir) => BlobStore::open(dir)?,
         None => BlobStore::open(&staging.path().join("blobs"))?,
     };
-    let merging = merges_into(&out, opts.existing);
-    let skip = if merging {
-        present_store_paths(&out)?
-    } else {
-        HashSet::new()
-    };
+    let plan = SkipPlan::new(&out, opts.existing, &resolved)?;
     let registry = Arc::new(registry);
     let apply = ApplyOptions::for_current_user(opts.rootfs);
-    let unpack_into = |skip: HashSet<OsString>| {
+    let unpack_into = |plan: SkipPlan| {
         let registry = Arc::clone(&registry);
         let (staging, resolved, store, reporter) = (&staging, &resolved, &store, &reporter);
         async move {
             let mut applier = Applier::new(&staging.rootfs(), apply)?;
-            applier.skip_store_paths(skip);
-            unpack_from_registry(
-                registry, resolved, store, applier, opts.jobs, reporter, cancel,
+            applier.skip_store_paths(plan.paths.clone());
+            let (stats, log, downloaded) = unpack_from_registry(
+                registry,
+                resolved,
+                store,
+                applier,
+                &plan.layers,
+                opts.jobs,
+                reporter,
+                cancel,
             )
-            .await
+            .await?;
+            Ok::<_, Error>(Unpacked {
+                store_layers: plan.store_layers(resolved, log),
+                stats,
+                downloaded,
+            })
         }
     };
-    let (stats, downloaded) = match unpack_into(skip).await {
+    let unpacked = match unpack_into(plan.clone()).await {
         Err(Error::SkippedLinkTarget { .. }) => {
             reporter.info("a new store path hard-links into one the seed already has; unpacking the whole image");
             staging.reset_rootfs()?;
-            unpack_into(HashSet::new()).await?
+            unpack_into(SkipPlan::none(&resolved)).await?
         }
         other => other?,
     };
     let merged = finish_output(
-        &out, staging, layout, &resolved, merging, &*reporter, cancel,
+        &out,
+        staging,
+        layout,
+        &resolved,
+        &unpacked,
+        plan.merging,
+        &*reporter,
+        cancel,
     )?;
     reporter.finish();
-    let mut summary = summary_of(&resolved, &out, &stats, downloaded, start);
+    let mut summary = summary_of(&resolved, &out, &unpacked.stats, unpacked.downloaded, start);
     summary.merge = merged;
     Ok(summary)
 }
 
-/// Does this run add to what DIR holds (`--merge` into a seed) rather than publish a new tree?
-pub fn merges_into(out: &OutputDir, existing: Existing) -> bool {
-    existing == Existing::Merge && matches!(out.holding(), Holding::State(_))
+/// What unpacking left in the staging root.
+pub struct Unpacked {
+    pub stats: ApplyStats,
+    /// The image's store-only layers, for the state file.
+    pub store_layers: Vec<StoreLayer>,
+    pub downloaded: u64,
+}
+
+/// What a `--merge` need not unpack: the store paths the seed already holds
+/// (their entries are read and hashed but not written), and the layers an
+/// earlier run recorded as holding nothing but such paths (not even
+/// downloaded). Empty when the run does not merge.
+#[derive(Clone, Debug)]
+pub struct SkipPlan {
+    pub merging: bool,
+    pub paths: HashSet<OsString>,
+    /// One flag per manifest layer.
+    pub layers: Vec<bool>,
+    known: HashMap<Digest, Vec<String>>,
+}
+
+impl SkipPlan {
+    /// Nothing skipped.
+    pub fn none(resolved: &ResolvedImage) -> SkipPlan {
+        SkipPlan {
+            merging: false,
+            paths: HashSet::new(),
+            layers: vec![false; resolved.manifest.layers.len()],
+            known: HashMap::new(),
+        }
+    }
+
+    /// The plan for unpacking `resolved` into `out` under `existing`.
+    pub fn new(out: &OutputDir, existing: Existing, resolved: &ResolvedImage) -> Result<SkipPlan> {
+        let Holding::State(state) = out.holding() else {
+            return Ok(SkipPlan::none(resolved));
+        };
+        if existing != Existing::Merge {
+            return Ok(SkipPlan::none(resolved));
+        }
+        let paths = present_store_paths(out)?;
+        let known = state.store_layers();
+        let layers = resolved
+            .config
+            .rootfs
+            .diff_ids
+            .iter()
+            .map(|d| {
+                known
+                    .get(d)
+                    .is_some_and(|names| names.iter().all(|n| paths.contains(OsStr::new(n))))
+            })
+            .collect();
+        Ok(SkipPlan {
+            merging: true,
+            paths,
+            layers,
+            known,
+        })
+    }
+
+    /// The image's store-only layers: those skipped (as recorded before) and
+    /// those the applier logged, in manifest order.
+    pub fn store_layers(
+        &self,
+        resolved: &ResolvedImage,
+        mut log: Vec<Option<Vec<String>>>,
+    ) -> Vec<StoreLayer> {
+        log.reverse();
+        let mut out = Vec::new();
+        for (diff_id, skipped) in resolved.config.rootfs.diff_ids.iter().zip(&self.layers) {
+            let paths = if *skipped {
+                self.known.get(diff_id).cloned()
+            } else {
+                log.pop().flatten()
+            };
+            if let Some(store_paths) = paths.filter(|p| !p.is_empty()) {
+                out.push(StoreLayer {
+                    diff_id: *diff_id,
+                    store_paths,
+                });
+            }
+        }
+        out
+    }
 }
 
 /// The store paths (`HASH-NAME`) a seed holds, registered and on disk: a
@@ -374,24 +472,27 @@ pub fn present_store_paths(out: &OutputDir) -> Result<HashSet<OsString>> {
 /// Make DIR hold the unpacked staging root: publish it (a new or replaced
 /// tree), or, for `--merge`, move its new store paths into DIR and register
 /// them in DIR's database in one transaction.
+#[allow(clippy::too_many_arguments)]
 pub fn finish_output(
     out: &OutputDir,
     staging: Staging,
     layout: Layout,
     resolved: &ResolvedImage,
+    unpacked: &Unpacked,
     merging: bool,
     reporter: &dyn Reporter,
     cancel: &Cancel,
 ) -> Result<Option<MergeSummary>> {
+    let record = resolved.record(unpacked.store_layers.clone());
     if !merging {
-        publish_unpacked(out, staging, layout, resolved, cancel)?;
+        publish_unpacked(out, staging, layout, resolved, record, cancel)?;
         return Ok(None);
     }
     if cancel.is_cancelled() {
         return Err(Error::Interrupted);
     }
     let Holding::State(state) = out.holding() else {
-        unreachable!("merges_into() checked that DIR holds a state");
+        unreachable!("SkipPlan::new() merges only into a DIR that holds a state");
     };
     let mut merge = Merge::plan(out.dir(), &staging.rootfs(), reporter)?;
     reporter.info(&format!(
@@ -410,7 +511,7 @@ pub fn finish_output(
     merge.install()?;
     let summary = merge.commit()?;
     let mut state = state.clone();
-    state.images.push(resolved.record());
+    state.images.push(record);
     state.write(out.dir())?;
     drop(staging);
     Ok(Some(summary))
@@ -435,6 +536,7 @@ pub fn publish_unpacked(
     staging: Staging,
     layout: Layout,
     resolved: &ResolvedImage,
+    record: ImageRecord,
     cancel: &Cancel,
 ) -> Result<()> {
     if cancel.is_cancelled() {
@@ -448,7 +550,7 @@ pub fn publish_unpacked(
         }
         Layout::Rootfs => staging.rootfs(),
     };
-    State::new(layout, resolved.record()).write(&tree)?;
+    State::new(layout, record).write(&tree)?;
     out.publish(staging, &tree)
 }
 
@@ -525,12 +627,13 @@ pub async fn unpack_from_registry(
     resolved: &ResolvedImage,
     store: &BlobStore,
     mut applier: Applier,
+    skip_layers: &[bool],
     jobs: usize,
     reporter: &Arc<dyn Reporter>,
     cancel: &Cancel,
-) -> Result<(ApplyStats, u64)> {
+) -> Result<(ApplyStats, Vec<Option<Vec<String>>>, u64)> {
     let board = Arc::new(BlobBoard::default());
-    let layers = layer_inputs(resolved, |desc| {
+    let layers = layer_inputs(resolved, skip_layers, |desc| {
         let board = Arc::clone(&board);
         let flag = cancel.flag();
         let digest = desc.digest;
@@ -542,10 +645,9 @@ pub async fn unpack_from_registry(
         })
     });
     let mut seen = HashSet::new();
-    let blobs: Vec<Descriptor> = resolved
-        .manifest
-        .layers
+    let blobs: Vec<Descriptor> = layers
         .iter()
+        .map(|l| &l.descriptor)
         .filter(|d| seen.insert(d.digest))
         .cloned()
         .collect();
@@ -558,7 +660,7 @@ pub async fn unpack_from_registry(
     let mut unpack_task = tokio::task::spawn_blocking(move || {
         let result = unpack::unpack(&mut applier, layers, &flag, &*unpack_reporter)
             .and_then(|()| applier.finish());
-        (applier.stats().clone(), result)
+        ((applier.stats().clone(), applier.take_layer_log()), result)
     });
     let downloads = download_all(
         registry,
@@ -590,12 +692,14 @@ pub async fn unpack_from_registry(
     }
     unpacked?;
     let downloaded = downloaded.map_err(|()| Error::Interrupted)?;
-    Ok((stats, downloaded))
+    let (stats, log) = stats;
+    Ok((stats, log, downloaded))
 }
 
-/// One [`LayerInput`] per manifest layer, opened by `open`.
+/// One [`LayerInput`] per manifest layer not skipped, opened by `open`.
 pub fn layer_inputs(
     resolved: &ResolvedImage,
+    skip: &[bool],
     mut open: impl FnMut(&Descriptor) -> Box<dyn FnOnce() -> Result<Box<dyn Read + Send>> + Send>,
 ) -> Vec<LayerInput> {
     resolved
@@ -603,6 +707,7 @@ pub fn layer_inputs(
         .layers
         .iter()
         .enumerate()
+        .filter(|(index, _)| !skip.get(*index).copied().unwrap_or(false))
         .map(|(index, desc)| LayerInput {
             index,
             descriptor: desc.clone(),

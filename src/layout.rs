@@ -467,9 +467,13 @@ impl Archive {
     /// Readers for the image's layers, in order. OCI blobs are hashed while
     /// they are unpacked; `docker save` layers are uncompressed tars whose
     /// digest is their diff_id, which the pipeline checks anyway.
-    pub fn layer_inputs(&self, resolved: &ResolvedImage) -> Result<Vec<LayerInput>> {
+    /// Layers flagged in `skip` are left out.
+    pub fn layer_inputs(&self, resolved: &ResolvedImage, skip: &[bool]) -> Result<Vec<LayerInput>> {
         let mut inputs = Vec::new();
         for (index, desc) in resolved.manifest.layers.iter().enumerate() {
+            if skip.get(index).copied().unwrap_or(false) {
+                continue;
+            }
             let name = match (&self.docker, &desc.annotations) {
                 (Some(_), Some(a)) => a.get("path").cloned().unwrap_or_default(),
                 _ => blob_name(&desc.digest),

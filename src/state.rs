@@ -41,6 +41,17 @@ pub struct ImageRecord {
     pub config_digest: Digest,
     pub platform: String,
     pub layers: usize,
+    /// The layers that held store paths only, and which: a later `--merge`
+    /// of an image with the same layer skips it when the seed has them all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub store_layers: Vec<StoreLayer>,
+}
+
+/// A layer (by diff_id) that held nothing but these store paths (`HASH-NAME`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreLayer {
+    pub diff_id: Digest,
+    pub store_paths: Vec<String>,
 }
 
 /// The whole state file.
@@ -131,6 +142,15 @@ impl State {
         self.find(layout, digest, platform).is_some()
     }
 
+    /// Every store-only layer any image here was built from, by diff_id.
+    pub fn store_layers(&self) -> std::collections::HashMap<Digest, Vec<String>> {
+        self.images
+            .iter()
+            .flat_map(|i| &i.store_layers)
+            .map(|l| (l.diff_id, l.store_paths.clone()))
+            .collect()
+    }
+
     /// One line naming what the directory holds, for messages.
     pub fn describe(&self) -> String {
         let names: Vec<String> = self
@@ -154,6 +174,7 @@ mod tests {
             config_digest: Digest::of(b"config"),
             platform: "linux/amd64".into(),
             layers: 3,
+            store_layers: Vec::new(),
         }
     }
 

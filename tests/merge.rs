@@ -14,6 +14,7 @@ struct Upgrade {
     reg: Registry,
     old: Pushed,
     new: Pushed,
+    new_manifest: Pushed,
     shared: Vec<String>,
     new_only: Vec<String>,
     _work: tempfile::TempDir,
@@ -77,19 +78,21 @@ fn upgrade() -> Upgrade {
             None,
             &Image::new(Media::Docker, layers),
         );
-        push_index(
+        let index = push_index(
             &reg.addr,
             "nixos/nix",
             Some(tag),
             Media::Docker,
             &[&manifest],
-        )
+        );
+        (index, manifest)
     };
-    let (old, new) = (image(&old, "old"), image(&new, "new"));
+    let ((old, _), (new, new_manifest)) = (image(&old, "old"), image(&new, "new"));
     Upgrade {
         reg,
         old,
         new,
+        new_manifest,
         shared,
         new_only,
         _work: work,
@@ -113,15 +116,31 @@ fn merge_keeps_a_cached_build_and_adds_the_new_image_and_nix_store_agrees() {
         .unwrap()
         .ino();
 
+    // No cache: what the merge downloads shows which layers it needed.
     let out = env.run(&[
         "fetch",
         "--plain-http",
         &u.new.reference,
         "--merge",
         "--json",
+        "--no-cache",
     ]);
     assert_ok(&out);
     let summary: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    // One layer per store path, the database last: the layers of the four
+    // shared paths are skipped outright; only the new paths' and the db's come.
+    let sizes: Vec<u64> = u
+        .new_manifest
+        .layer_digests
+        .iter()
+        .map(|d| std::fs::metadata(u.reg.blob_data(d)).unwrap().len())
+        .collect();
+    assert_eq!(sizes.len(), u.shared.len() + u.new_only.len() + 1);
+    let needed: u64 = sizes[u.shared.len()..].iter().sum();
+    assert_eq!(
+        summary["bytes_downloaded"], needed,
+        "layers of paths the seed has were not downloaded"
+    );
     let added: Vec<String> = serde_json::from_value(summary["merge"]["added"].clone()).unwrap();
     let mut want = u.new_only.clone();
     want.sort();
