@@ -109,7 +109,12 @@ pub struct Applier {
     /// The root's identity (where climbing stops).
     root_id: Id,
     /// The parent directory of the last entry, which the next usually shares.
-    parent_cache: Option<(PathBuf, OwnedFd)>,
+    parent_cache: Option<(PathBuf, Arc<Parent>)>,
+    /// The process's umask (from /proc), so a file created with its final
+    /// mode needs no chmod; `None` when unknown.
+    umask: Option<u32>,
+    /// Who new files belong to without a chown.
+    owner: (u32, u32),
     cancel: Option<Arc<AtomicBool>>,
     buf: Vec<u8>,
     stats: ApplyStats,
@@ -119,6 +124,25 @@ pub struct Applier {
     /// Per applied layer: the store paths it holds, or `None` when it holds
     /// anything else too (see [`Applier::take_layer_log`]).
     layer_log: Vec<Option<BTreeSet<String>>>,
+}
+
+/// An open parent directory and its identity, shared by the entries in it.
+struct Parent {
+    fd: OwnedFd,
+    id: Id,
+}
+
+impl AsFd for Parent {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// The process umask, read without changing it (umask(2) cannot).
+fn process_umask() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+    u32::from_str_radix(line.trim_start_matches("Umask:").trim(), 8).ok()
 }
 
 /// Per-layer bookkeeping for whiteouts: what the current layer wrote.
@@ -133,15 +157,15 @@ struct Written {
 impl Written {
     /// Record that `name` in `parent` was written, and that `parent` and the
     /// directories above it, up to the root, hold something written.
-    fn mark(&mut self, root: Id, parent: &OwnedFd, name: &OsStr) -> io::Result<()> {
-        let mut id = fsroot::id_of(parent)?;
+    fn mark(&mut self, root: Id, parent: &Parent, name: &OsStr) -> io::Result<()> {
+        let mut id = parent.id;
         self.entries.insert((id, name.to_os_string()));
         let mut cur: Option<OwnedFd> = None;
         // Each directory is climbed past once per layer, so this costs the
         // number of directories, not the depth of every entry.
         while self.dirs.insert(id) && id != root {
             let up = rustix::fs::openat(
-                cur.as_ref().unwrap_or(parent),
+                cur.as_ref().unwrap_or(&parent.fd),
                 "..",
                 OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
                 Mode::empty(),
@@ -177,6 +201,11 @@ impl Applier {
             dirs: HashMap::new(),
             root_id,
             parent_cache: None,
+            umask: process_umask(),
+            owner: (
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+            ),
             cancel: None,
             buf: vec![0; 256 << 10],
             stats: ApplyStats::default(),
@@ -421,18 +450,30 @@ impl Applier {
             }
             EntryType::Regular | EntryType::Continuous => {
                 let parent = self
-                    .clear_slot(&parent_rel, &base)
-                    .map_err(io_err("cannot make room"))?;
-                let fd = rustix::fs::openat(
-                    &parent,
-                    &base,
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
+                    .parent(&parent_rel)
+                    .map_err(io_err("cannot create parent directory"))?;
+                // Create first: the common case is a new name, one syscall.
+                // Something in the way is removed (never opened), then retried.
+                let create = || {
+                    rustix::fs::openat(
+                        &parent,
+                        &base,
+                        OFlags::WRONLY
+                            | OFlags::CREATE
+                            | OFlags::EXCL
+                            | OFlags::NOFOLLOW
+                            | OFlags::CLOEXEC,
+                        Mode::from_raw_mode(meta.mode & 0o777),
+                    )
+                };
+                let fd = match create() {
+                    Err(rustix::io::Errno::EXIST) => {
+                        self.remove(&parent, &base)
+                            .map_err(io_err("cannot make room"))?;
+                        create()
+                    }
+                    other => other,
+                }
                 .map_err(|e| io_err("cannot create file")(e.into()))?;
                 let mut file = File::from(fd);
                 let mut copied = 0u64;
@@ -445,7 +486,7 @@ impl Applier {
                         .map_err(io_err("cannot write"))?;
                     copied += n as u64;
                 }
-                self.set_fd_meta(&file, &meta)
+                self.set_fd_meta(&file, &meta, true)
                     .map_err(io_err("cannot set owner, mode or mtime"))?;
                 self.stats.files += 1;
                 self.stats.bytes += copied;
@@ -460,11 +501,19 @@ impl Applier {
                     return Err(refuse("the symlink target holds a NUL byte"));
                 }
                 let parent = self
-                    .clear_slot(&parent_rel, &base)
-                    .map_err(io_err("cannot make room"))?;
-                rustix::fs::symlinkat(OsStr::from_bytes(&target), &parent, &base)
-                    .map_err(|e| io_err("cannot create symlink")(e.into()))?;
-                if self.opts.as_root {
+                    .parent(&parent_rel)
+                    .map_err(io_err("cannot create parent directory"))?;
+                let link = || rustix::fs::symlinkat(OsStr::from_bytes(&target), &parent, &base);
+                match link() {
+                    Err(rustix::io::Errno::EXIST) => {
+                        self.remove(&parent, &base)
+                            .map_err(io_err("cannot make room"))?;
+                        link()
+                    }
+                    other => other,
+                }
+                .map_err(|e| io_err("cannot create symlink")(e.into()))?;
+                if self.opts.as_root && (meta.uid, meta.gid) != self.owner {
                     rustix::fs::chownat(
                         &parent,
                         &base,
@@ -585,8 +634,14 @@ impl Applier {
         })
     }
 
-    fn set_fd_meta(&self, fd: &impl AsFd, meta: &Meta) -> io::Result<()> {
-        if self.opts.as_root {
+    /// Owner, mode and mtime on an open node. `created` says the node was
+    /// just made with `meta.mode & 0o777` in a directory without setgid (all
+    /// of the staging root is, until [`Applier::finish`]): its owner is then
+    /// this process's, and its mode whatever the umask left, so only what
+    /// differs costs a syscall.
+    fn set_fd_meta(&self, fd: &impl AsFd, meta: &Meta, created: bool) -> io::Result<()> {
+        let chown = self.opts.as_root && !(created && (meta.uid, meta.gid) == self.owner);
+        if chown {
             rustix::fs::fchown(
                 fd,
                 Some(rustix::fs::Uid::from_raw(meta.uid)),
@@ -594,7 +649,10 @@ impl Applier {
             )?;
         }
         // After chown, which clears setuid/setgid.
-        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))?;
+        let as_created = self.umask.map(|m| meta.mode & 0o777 & !m);
+        if chown || !created || as_created != Some(meta.mode) {
+            rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))?;
+        }
         if let Some(t) = meta.mtime {
             rustix::fs::futimens(fd, &times(t))?;
         }
@@ -602,11 +660,11 @@ impl Applier {
     }
 
     /// The parent directory `rel`, created if missing, from the one-entry cache when possible.
-    fn parent(&mut self, rel: &Path) -> io::Result<OwnedFd> {
-        if let Some((cached, fd)) = &self.parent_cache
+    fn parent(&mut self, rel: &Path) -> io::Result<Arc<Parent>> {
+        if let Some((cached, parent)) = &self.parent_cache
             && cached == rel
         {
-            return fd.try_clone();
+            return Ok(Arc::clone(parent));
         }
         let Applier { root, dirs, .. } = self;
         // Parents the layer never named get what containerd gives them: 0755, root-owned.
@@ -627,12 +685,16 @@ impl Applier {
         if let Some(e) = failed {
             return Err(e);
         }
-        self.parent_cache = Some((rel.to_path_buf(), fd.try_clone()?));
-        Ok(fd)
+        let parent = Arc::new(Parent {
+            id: fsroot::id_of(&fd)?,
+            fd,
+        });
+        self.parent_cache = Some((rel.to_path_buf(), Arc::clone(&parent)));
+        Ok(parent)
     }
 
     /// Make sure nothing is at `parent_rel/base`, returning the parent.
-    fn clear_slot(&mut self, parent_rel: &Path, base: &OsStr) -> io::Result<OwnedFd> {
+    fn clear_slot(&mut self, parent_rel: &Path, base: &OsStr) -> io::Result<Arc<Parent>> {
         let parent = self.parent(parent_rel)?;
         if fsroot::stat_at(&parent, base)? != Node::Missing {
             self.remove(&parent, base)?;
@@ -643,7 +705,7 @@ impl Applier {
     /// Remove `base` in `parent` (whole tree). The metadata of directories
     /// removed stays behind, harmlessly: it is keyed by identity, and a new
     /// directory that reuses an inode overwrites it.
-    fn remove(&mut self, parent: &OwnedFd, base: &OsStr) -> io::Result<()> {
+    fn remove(&mut self, parent: &impl AsFd, base: &OsStr) -> io::Result<()> {
         self.parent_cache = None;
         fsroot::remove_all_at(parent, base)
     }
@@ -785,7 +847,7 @@ impl Applier {
         .map_err(|e| Error::io(self.root.path(), "cannot open the unpack root", e.into()))?;
         let mut set = |fd: &OwnedFd| -> io::Result<()> {
             match dirs.get(&fsroot::id_of(fd)?) {
-                Some(meta) => self.set_fd_meta(fd, meta),
+                Some(meta) => self.set_fd_meta(fd, meta, false),
                 None => Ok(()),
             }
         };
