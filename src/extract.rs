@@ -13,14 +13,13 @@ use std::time::Instant;
 use crate::apply::{Applier, ApplyOptions};
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
-use crate::fetch::{
-    ResolvedImage, SkipPlan, Summary, Unpacked, already_holds, check_merge, finish_output,
-    summary_of,
-};
+use crate::fetch::Summary;
 use crate::layout::Archive;
 use crate::output::{Existing, OutputDir, Staging};
 use crate::platform::Platform;
 use crate::progress::Reporter;
+use crate::publish::{SkipPlan, Unpacked, already_holds, check_merge, finish_output, summary_of};
+use crate::resolve::ResolvedImage;
 use crate::state::Layout;
 use crate::unpack;
 

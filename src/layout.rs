@@ -22,12 +22,12 @@ use serde::Deserialize;
 
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result};
-use crate::fetch::{FinishResolve, ResolvedImage, finish_resolve};
 use crate::manifest::{
     self, Compression, Descriptor, ImageManifest, MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, Manifest,
 };
 use crate::platform::Platform;
 use crate::progress::Reporter;
+use crate::resolve::{FinishResolve, ResolvedImage, finish_resolve};
 use crate::unpack::LayerInput;
 
 /// The annotation that names an image in `index.json`.

@@ -19,6 +19,9 @@
 //! | [`fsroot`], [`apply`] | chroot-like path resolution and layer application |
 //! | [`unpack`] | the decode/apply pipeline across two threads |
 //! | [`output`], [`state`] | staging, atomic publish, what DIR holds |
+//! | [`resolve`] | an image's manifest chain, fetched or read, verified |
+//! | [`download`] | concurrent verified downloads feeding the pipeline |
+//! | [`publish`] | DIR made to hold the result: one rename, or a merge |
 //! | [`fetch`] | the `fetch` command, end to end |
 //! | [`pull`], [`extract`], [`layout`] | air-gapped hosts: image files written and read |
 //! | [`nar`], [`nixhash`] | Nix's archive format and hash notations |
@@ -36,6 +39,7 @@ pub mod cli;
 pub mod credentials;
 pub mod decompress;
 pub mod digest;
+pub mod download;
 pub mod error;
 pub mod extract;
 pub mod fetch;
@@ -48,9 +52,11 @@ pub mod nixhash;
 pub mod output;
 pub mod platform;
 pub mod progress;
+pub mod publish;
 pub mod pull;
 pub mod reference;
 pub mod registry;
+pub mod resolve;
 pub mod runner_config;
 pub mod state;
 pub mod unpack;

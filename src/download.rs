@@ -1,0 +1,286 @@
+//! Downloading an image's blobs while the unpack pipeline consumes them.
+//!
+//! Blobs are fetched `--jobs` at a time, in manifest order, into the
+//! verified store (the cache, or a private one); each is posted to a board as
+//! it lands, where the decoder thread waits for the layer it needs next. A
+//! failed download is posted too, so the pipeline stops on the real error.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use crate::apply::{Applier, ApplyStats};
+use crate::blobstore::BlobStore;
+use crate::cancel::Cancel;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::manifest::Descriptor;
+use crate::progress::Reporter;
+use crate::registry::Registry;
+use crate::resolve::ResolvedImage;
+use crate::unpack::{self, LayerInput};
+
+/// Download the image's layers into `store` and unpack them onto `rootfs`,
+/// both at once. Returns what was applied and how many bytes came over the wire.
+#[allow(clippy::too_many_arguments)]
+pub async fn unpack_from_registry(
+    registry: Arc<Registry>,
+    resolved: &ResolvedImage,
+    store: &BlobStore,
+    mut applier: Applier,
+    skip_layers: &[bool],
+    jobs: usize,
+    reporter: &Arc<dyn Reporter>,
+    cancel: &Cancel,
+) -> Result<(ApplyStats, Vec<Option<Vec<String>>>, u64)> {
+    let board = Arc::new(BlobBoard::default());
+    let layers = layer_inputs(resolved, skip_layers, |desc| {
+        let board = Arc::clone(&board);
+        let flag = cancel.flag();
+        let digest = desc.digest;
+        Box::new(move || {
+            let path = board.wait(&digest, &flag)?;
+            let file = File::open(&path)
+                .map_err(|e| Error::io(&path, "cannot open downloaded blob", e))?;
+            Ok(Box::new(file) as Box<dyn Read + Send>)
+        })
+    });
+    let mut seen = HashSet::new();
+    let blobs: Vec<Descriptor> = layers
+        .iter()
+        .map(|l| &l.descriptor)
+        .filter(|d| seen.insert(d.digest))
+        .cloned()
+        .collect();
+    reporter.layer_total(layers.len() as u64);
+    reporter.download_total(blobs.iter().filter(|d| !store.has(d)).map(|d| d.size).sum());
+
+    applier.set_cancel(cancel.flag());
+    let flag = cancel.flag();
+    let unpack_reporter = Arc::clone(reporter);
+    let mut unpack_task = tokio::task::spawn_blocking(move || {
+        let result = unpack::unpack(&mut applier, layers, &flag, &*unpack_reporter)
+            .and_then(|()| applier.finish());
+        ((applier.stats().clone(), applier.take_layer_log()), result)
+    });
+    let downloads = download_all(
+        registry,
+        store.clone(),
+        blobs,
+        jobs.max(1),
+        Arc::clone(&board),
+        Arc::clone(reporter),
+        cancel.clone(),
+    );
+    tokio::pin!(downloads);
+
+    let (stats, unpacked, downloaded) = tokio::select! {
+        joined = &mut unpack_task => {
+            let (stats, result) = joined.expect("unpack thread panicked");
+            let downloaded = if result.is_ok() { downloads.await } else { Err(()) };
+            (stats, result, downloaded)
+        }
+        downloaded = &mut downloads => {
+            if downloaded.is_err() {
+                cancel.flag().store(true, Ordering::SeqCst);
+            }
+            let (stats, result) = unpack_task.await.expect("unpack thread panicked");
+            (stats, result, downloaded)
+        }
+    };
+    if let Some(e) = board.take_error() {
+        return Err(e);
+    }
+    unpacked?;
+    let downloaded = downloaded.map_err(|()| Error::Interrupted)?;
+    let (stats, log) = stats;
+    Ok((stats, log, downloaded))
+}
+
+/// One [`LayerInput`] per manifest layer not skipped, opened by `open`.
+pub fn layer_inputs(
+    resolved: &ResolvedImage,
+    skip: &[bool],
+    mut open: impl FnMut(&Descriptor) -> Box<dyn FnOnce() -> Result<Box<dyn Read + Send>> + Send>,
+) -> Vec<LayerInput> {
+    resolved
+        .manifest
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| !skip.get(*index).copied().unwrap_or(false))
+        .map(|(index, desc)| LayerInput {
+            index,
+            descriptor: desc.clone(),
+            diff_id: resolved.config.rootfs.diff_ids[index],
+            compression: resolved.compression[index],
+            open: open(desc),
+            verify_blob: false,
+        })
+        .collect()
+}
+
+/// Download `blobs` into `store` (or find them verified there), `jobs` at a
+/// time. Returns where each blob is and how many bytes came over the wire.
+pub async fn download_blobs(
+    registry: Arc<Registry>,
+    store: &BlobStore,
+    blobs: Vec<Descriptor>,
+    jobs: usize,
+    reporter: &Arc<dyn Reporter>,
+    cancel: &Cancel,
+) -> Result<(HashMap<Digest, PathBuf>, u64)> {
+    let board = Arc::new(BlobBoard::default());
+    reporter.download_total(blobs.iter().filter(|d| !store.has(d)).map(|d| d.size).sum());
+    let downloaded = download_all(
+        registry,
+        store.clone(),
+        blobs,
+        jobs.max(1),
+        Arc::clone(&board),
+        Arc::clone(reporter),
+        cancel.clone(),
+    )
+    .await;
+    if let Some(e) = board.take_error() {
+        return Err(e);
+    }
+    let downloaded = downloaded.map_err(|()| Error::Interrupted)?;
+    let paths = board
+        .slots
+        .lock()
+        .expect("board lock")
+        .iter()
+        .filter_map(|(d, s)| match s {
+            Slot::Ready(p) => Some((*d, p.clone())),
+            Slot::Failed(_) => None,
+        })
+        .collect();
+    Ok((paths, downloaded))
+}
+
+/// Download every blob (or find it verified in the store), `jobs` at a time,
+/// in manifest order, posting each to `board` as it lands. `Err(())` means a
+/// download failed (its error is on the board) or the run was cancelled.
+async fn download_all(
+    registry: Arc<Registry>,
+    store: BlobStore,
+    blobs: Vec<Descriptor>,
+    jobs: usize,
+    board: Arc<BlobBoard>,
+    reporter: Arc<dyn Reporter>,
+    cancel: Cancel,
+) -> std::result::Result<u64, ()> {
+    let mut results = futures_util::stream::iter(blobs)
+        .map(|desc| {
+            let registry = Arc::clone(&registry);
+            let store = store.clone();
+            let reporter = Arc::clone(&reporter);
+            async move {
+                let result = fetch_blob(&registry, &store, &desc, &*reporter).await;
+                (desc.digest, result)
+            }
+        })
+        .buffer_unordered(jobs);
+    let mut total = 0;
+    loop {
+        let next = tokio::select! {
+            next = results.next() => next,
+            () = cancel.cancelled() => return Err(()),
+        };
+        let Some((digest, result)) = next else { break };
+        match result {
+            Ok((path, bytes)) => {
+                total += bytes;
+                board.post(digest, Ok(path));
+            }
+            Err(e) => {
+                board.post(digest, Err(e));
+                return Err(());
+            }
+        }
+    }
+    Ok(total)
+}
+
+async fn fetch_blob(
+    registry: &Registry,
+    store: &BlobStore,
+    desc: &Descriptor,
+    reporter: &dyn Reporter,
+) -> Result<(PathBuf, u64)> {
+    if store.has(desc) {
+        let (s, d) = (store.clone(), desc.clone());
+        let intact = tokio::task::spawn_blocking(move || s.verify(&d))
+            .await
+            .expect("verify thread panicked")?;
+        if intact {
+            return Ok((store.path(&desc.digest), 0));
+        }
+        reporter.warn(&format!(
+            "cached blob {} was corrupt; downloading it again",
+            desc.digest
+        ));
+    }
+    registry.download_blob(desc, store).await
+}
+
+/// Where the decoder thread waits for downloads to land.
+#[derive(Default)]
+struct BlobBoard {
+    slots: Mutex<HashMap<Digest, Slot>>,
+    landed: Condvar,
+}
+
+enum Slot {
+    Ready(PathBuf),
+    Failed(Option<Error>),
+}
+
+impl BlobBoard {
+    fn post(&self, digest: Digest, result: Result<PathBuf>) {
+        let slot = match result {
+            Ok(path) => Slot::Ready(path),
+            Err(e) => Slot::Failed(Some(e)),
+        };
+        self.slots.lock().expect("board lock").insert(digest, slot);
+        self.landed.notify_all();
+    }
+
+    fn wait(&self, digest: &Digest, cancel: &AtomicBool) -> Result<PathBuf> {
+        let mut slots = self.slots.lock().expect("board lock");
+        loop {
+            match slots.get(digest) {
+                Some(Slot::Ready(path)) => return Ok(path.clone()),
+                Some(Slot::Failed(_)) => {
+                    return Err(Error::registry(
+                        format!("blob {digest}"),
+                        "the download failed",
+                    ));
+                }
+                None if cancel.load(Ordering::Relaxed) => return Err(Error::Interrupted),
+                None => {}
+            }
+            slots = self
+                .landed
+                .wait_timeout(slots, Duration::from_millis(100))
+                .expect("board lock")
+                .0;
+        }
+    }
+
+    /// The first download error, if any (given out once).
+    fn take_error(&self) -> Option<Error> {
+        let mut slots = self.slots.lock().expect("board lock");
+        slots.values_mut().find_map(|s| match s {
+            Slot::Failed(e) => e.take(),
+            Slot::Ready(_) => None,
+        })
+    }
+}

@@ -1,0 +1,300 @@
+//! Making DIR hold an unpacked image: publish, or merge into a seed.
+//!
+//! After the layers are in a staging root, one of two things happens: the
+//! root (or the Nix seed cut from it) replaces DIR in one rename, or, for
+//! `--merge`, its new store paths are moved into DIR's store and registered in
+//! DIR's database in one transaction. This module also decides what a merge
+//! may leave out ([`SkipPlan`]), and answers the no-op question ("does DIR
+//! already hold this image?") before any work starts. `fetch` and `extract`
+//! share all of it.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::apply::ApplyStats;
+use crate::cancel::Cancel;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::nixdb::{self, Merge, MergeSummary};
+use crate::output::{self, Existing, Holding, OutputDir, Staging};
+use crate::platform::Platform;
+use crate::progress::Reporter;
+use crate::resolve::ResolvedImage;
+use crate::state::{ImageRecord, Layout, State, StoreLayer};
+
+/// What a run did, for `--json` and for tests.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// The image, pinned to the digest that was resolved (or the archive it came from).
+    pub image: String,
+    /// The digest that pins it (index or manifest; the image ID for a `docker save` archive).
+    pub digest: Digest,
+    pub manifest_digest: Option<Digest>,
+    pub index_digest: Option<Digest>,
+    pub platform: String,
+    pub layers: usize,
+    pub bytes_downloaded: u64,
+    pub bytes_written: u64,
+    pub files: u64,
+    pub seconds: f64,
+    pub output: PathBuf,
+    /// True when DIR already held the image and nothing was done.
+    pub unchanged: bool,
+    /// For `--merge` into a seed: the store paths added and how many were there already.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeSummary>,
+}
+
+/// What unpacking left in the staging root.
+pub struct Unpacked {
+    pub stats: ApplyStats,
+    /// The image's store-only layers, for the state file.
+    pub store_layers: Vec<StoreLayer>,
+    pub downloaded: u64,
+}
+
+/// What a `--merge` need not unpack: the store paths the seed already holds
+/// (their entries are read and hashed but not written), and the layers an
+/// earlier run recorded as holding nothing but such paths (not even
+/// downloaded). Empty when the run does not merge.
+#[derive(Clone, Debug)]
+pub struct SkipPlan {
+    pub merging: bool,
+    pub paths: HashSet<OsString>,
+    /// One flag per manifest layer.
+    pub layers: Vec<bool>,
+    known: HashMap<Digest, Vec<String>>,
+}
+
+impl SkipPlan {
+    /// Nothing skipped.
+    pub fn none(resolved: &ResolvedImage) -> SkipPlan {
+        SkipPlan {
+            merging: false,
+            paths: HashSet::new(),
+            layers: vec![false; resolved.manifest.layers.len()],
+            known: HashMap::new(),
+        }
+    }
+
+    /// The plan for unpacking `resolved` into `out` under `existing`.
+    pub fn new(out: &OutputDir, existing: Existing, resolved: &ResolvedImage) -> Result<SkipPlan> {
+        let Holding::State(state) = out.holding() else {
+            return Ok(SkipPlan::none(resolved));
+        };
+        if existing != Existing::Merge {
+            return Ok(SkipPlan::none(resolved));
+        }
+        let paths = present_store_paths(out)?;
+        let known = state.store_layers();
+        let layers = resolved
+            .config
+            .rootfs
+            .diff_ids
+            .iter()
+            .map(|d| {
+                known
+                    .get(d)
+                    .is_some_and(|names| names.iter().all(|n| paths.contains(OsStr::new(n))))
+            })
+            .collect();
+        Ok(SkipPlan {
+            merging: true,
+            paths,
+            layers,
+            known,
+        })
+    }
+
+    /// The image's store-only layers: those skipped (as recorded before) and
+    /// those the applier logged, in manifest order.
+    pub fn store_layers(
+        &self,
+        resolved: &ResolvedImage,
+        mut log: Vec<Option<Vec<String>>>,
+    ) -> Vec<StoreLayer> {
+        log.reverse();
+        let mut out = Vec::new();
+        for (diff_id, skipped) in resolved.config.rootfs.diff_ids.iter().zip(&self.layers) {
+            let paths = if *skipped {
+                self.known.get(diff_id).cloned()
+            } else {
+                log.pop().flatten()
+            };
+            if let Some(store_paths) = paths.filter(|p| !p.is_empty()) {
+                out.push(StoreLayer {
+                    diff_id: *diff_id,
+                    store_paths,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// The store paths (`HASH-NAME`) a seed holds, registered and on disk: a
+/// `--merge` into it need not write them.
+pub fn present_store_paths(out: &OutputDir) -> Result<HashSet<OsString>> {
+    let snapshot = nixdb::snapshot(out.dir())?;
+    let store = out.dir().join(nixdb::STORE_DIR);
+    Ok(snapshot
+        .paths
+        .iter()
+        .map(|p| OsString::from(p.name()))
+        .filter(|name| store.join(name).symlink_metadata().is_ok())
+        .collect())
+}
+
+/// Make DIR hold the unpacked staging root: publish it (a new or replaced
+/// tree), or, for `--merge`, move its new store paths into DIR and register
+/// them in DIR's database in one transaction.
+#[allow(clippy::too_many_arguments)]
+pub fn finish_output(
+    out: &OutputDir,
+    staging: Staging,
+    layout: Layout,
+    resolved: &ResolvedImage,
+    unpacked: &Unpacked,
+    merging: bool,
+    reporter: &dyn Reporter,
+    cancel: &Cancel,
+) -> Result<Option<MergeSummary>> {
+    let record = resolved.record(unpacked.store_layers.clone());
+    if !merging {
+        publish_unpacked(out, staging, layout, resolved, record, cancel)?;
+        return Ok(None);
+    }
+    if cancel.is_cancelled() {
+        return Err(Error::Interrupted);
+    }
+    let Holding::State(state) = out.holding() else {
+        unreachable!("SkipPlan::new() merges only into a DIR that holds a state");
+    };
+    let mut merge = Merge::plan(out.dir(), &staging.rootfs(), reporter)?;
+    reporter.info(&format!(
+        "merging {}: {} new store paths ({:.1} MB), {} already in {}",
+        resolved.name,
+        merge.missing().len(),
+        merge.missing_bytes() as f64 / 1e6,
+        merge.already_present(),
+        out.dir().display()
+    ));
+    if cancel.is_cancelled() {
+        return Err(Error::Interrupted);
+    }
+    // New paths go into the store first; a crash after this leaves them
+    // unregistered, which Nix ignores. Then one transaction registers them.
+    merge.install()?;
+    let summary = merge.commit()?;
+    let mut state = state.clone();
+    state.images.push(record);
+    state.write(out.dir())?;
+    drop(staging);
+    Ok(Some(summary))
+}
+
+/// `--merge` adds store paths to a seed: it has no meaning for `--rootfs`.
+pub fn check_merge(existing: Existing, layout: Layout) -> Result<()> {
+    if existing == Existing::Merge && layout == Layout::Rootfs {
+        return Err(Error::invalid(
+            "option",
+            "--merge",
+            "--merge adds store paths to a Nix seed; it cannot be combined with --rootfs",
+        ));
+    }
+    Ok(())
+}
+
+/// Turn an unpacked staging root into DIR: the runner seed (or the whole
+/// root with `--rootfs`), the state file, one rename.
+pub fn publish_unpacked(
+    out: &OutputDir,
+    staging: Staging,
+    layout: Layout,
+    resolved: &ResolvedImage,
+    record: ImageRecord,
+    cancel: &Cancel,
+) -> Result<()> {
+    if cancel.is_cancelled() {
+        return Err(Error::Interrupted);
+    }
+    let tree = match layout {
+        Layout::Nix => {
+            let seed = staging.path().join("out");
+            output::build_seed(&staging.rootfs(), &seed, &resolved.name)?;
+            seed
+        }
+        Layout::Rootfs => staging.rootfs(),
+    };
+    State::new(layout, record).write(&tree)?;
+    out.publish(staging, &tree)
+}
+
+/// The `--json` summary of a run that unpacked `resolved` into `out`.
+pub fn summary_of(
+    resolved: &ResolvedImage,
+    out: &OutputDir,
+    stats: &ApplyStats,
+    downloaded: u64,
+    start: Instant,
+) -> Summary {
+    Summary {
+        image: resolved.name.clone(),
+        digest: resolved.top_digest,
+        manifest_digest: resolved.manifest_digest,
+        index_digest: resolved.index_digest,
+        platform: resolved.platform.to_string(),
+        layers: resolved.manifest.layers.len(),
+        bytes_downloaded: downloaded,
+        bytes_written: stats.bytes,
+        files: stats.files,
+        seconds: start.elapsed().as_secs_f64(),
+        output: out.dir().to_path_buf(),
+        unchanged: false,
+        merge: None,
+    }
+}
+
+/// The no-op check: does DIR already hold the image `digest` pins?
+pub fn already_holds(
+    out: &OutputDir,
+    layout: Layout,
+    digest: &Digest,
+    platform: &Platform,
+    start: Instant,
+) -> Result<Option<Summary>> {
+    let Holding::State(state) = out.holding() else {
+        return Ok(None);
+    };
+    let Some(record) = state.find(layout, digest, platform) else {
+        return Ok(None);
+    };
+    if !output::looks_complete(out.dir(), layout) {
+        return Err(Error::Output {
+            dir: out.dir().to_path_buf(),
+            reason: format!(
+                "its state file says it holds {} but the tree is incomplete; use --replace to rebuild it",
+                record.reference
+            ),
+        });
+    }
+    Ok(Some(Summary {
+        image: record.reference.clone(),
+        digest: *digest,
+        manifest_digest: record.manifest_digest,
+        index_digest: record.index_digest,
+        platform: record.platform.clone(),
+        layers: record.layers,
+        bytes_downloaded: 0,
+        bytes_written: 0,
+        files: 0,
+        seconds: start.elapsed().as_secs_f64(),
+        output: out.dir().to_path_buf(),
+        unchanged: true,
+        merge: None,
+    }))
+}
