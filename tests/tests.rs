@@ -2,5 +2,6 @@
 
 mod support;
 
+mod differential;
 mod fetch;
 mod hostile;
