@@ -1388,7 +1388,11 @@ mod layer {
         let mut t = Tar::new();
         t.file("f", b"x", 0o644);
         t.raw_bytes(&[0x5a; 512]);
-        lab.fails(&[t.finish()], 0, &["not a valid tar stream"]);
+        lab.fails(
+            &[t.finish()],
+            0,
+            &["not a valid tar stream after entry \"f\"", "cksum"],
+        );
     }
 
     #[test]
@@ -1398,7 +1402,21 @@ mod layer {
         t.file("big", &[7u8; 4096], 0o644);
         let mut bytes = t.unfinished();
         bytes.truncate(512 + 1000);
-        lab.fails(&[bytes], 0, &["not a valid tar stream"]);
+        lab.fails(&[bytes], 0, &["not a valid tar stream after entry \"big\""]);
+    }
+
+    #[test]
+    fn a_malformed_pax_record_is_refused_naming_its_header() {
+        let mut lab = Lab::new();
+        lab.fails(
+            &[one(|t| {
+                t.pax(&[("uid", b"-1")]);
+                t.file("f", b"x", 0o644);
+            })],
+            0,
+            &["entry \"PaxHeader\"", "malformed PAX record: uid"],
+        );
+        lab.assert_root_untouched();
     }
 
     #[test]
