@@ -1650,8 +1650,20 @@ fn fetch_rootfs_of_an_escaping_image_writes_only_inside_dir() {
     l1.symlink("l", &host_dir);
     l1.symlink("v", &host_victim);
     l1.file("../../../escape", b"e", 0o644);
+    let l1 = layer(&l1.finish(), Comp::Gzip, Media::Oci);
+    // The blob cache is beside DIR too: aim at the first layer's blob.
+    let blobs = env.join("cache/hydrafy/blobs/sha256");
+    let l1_hex = l1.digest.trim_start_matches("sha256:").to_string();
+    let pid_name = format!("hydrafy-e2e-{}", std::process::id());
     let mut l2 = Tar::new();
-    l2.file("var/run/pid", b"1", 0o644);
+    l2.file(&format!("var/run/{pid_name}"), b"1", 0o644);
+    l2.symlink("c", &blobs.display().to_string());
+    l2.file(&format!("c/{l1_hex}"), b"evil", 0o644);
+    l2.file(
+        &format!("../../../../../cache/hydrafy/blobs/sha256/{l1_hex}"),
+        b"evil",
+        0o644,
+    );
     l2.file("l/keep", b"evil", 0o644);
     l2.file("v", b"replaced", 0o644);
     l2.whiteout("l/keep-not");
@@ -1662,10 +1674,7 @@ fn fetch_rootfs_of_an_escaping_image_writes_only_inside_dir() {
         None,
         &Image::new(
             Media::Oci,
-            vec![
-                layer(&l1.finish(), Comp::Gzip, Media::Oci),
-                layer(&l2.finish(), Comp::Zstd, Media::Oci),
-            ],
+            vec![l1, layer(&l2.finish(), Comp::Zstd, Media::Oci)],
         ),
     );
     let out = env.run(&[
@@ -1680,7 +1689,21 @@ fn fetch_rootfs_of_an_escaping_image_writes_only_inside_dir() {
     assert_ok(&out);
     assert_eq!(fingerprint(&canary), before, "the canary changed");
     let dir = env.join("out");
-    assert_eq!(std::fs::read(dir.join("run/pid")).unwrap(), b"1");
+    assert_eq!(
+        std::fs::read(dir.join("run").join(&pid_name)).unwrap(),
+        b"1"
+    );
+    assert!(!Path::new("/run").join(&pid_name).exists());
+    let cached = listing(&blobs);
+    assert!(cached.contains(&l1_hex), "{cached:?}");
+    for hex in cached {
+        let bytes = std::fs::read(blobs.join(&hex)).unwrap();
+        assert_eq!(
+            crate::support::image::sha256(&bytes),
+            format!("sha256:{hex}"),
+            "a cached blob was overwritten"
+        );
+    }
     assert_eq!(std::fs::read(dir.join("escape")).unwrap(), b"e");
     assert_eq!(std::fs::read(dir.join("v")).unwrap(), b"replaced");
     let inside = dir.join(host_dir.trim_start_matches('/'));
@@ -1688,7 +1711,7 @@ fn fetch_rootfs_of_an_escaping_image_writes_only_inside_dir() {
     let l = std::fs::symlink_metadata(dir.join("l")).unwrap();
     assert!(l.is_dir() && l.permissions().mode() & 0o7777 == 0o777);
     assert!(staging_left(&env).is_empty());
-    assert!(!env.join("escape").exists() && !Path::new("/run/pid-hydrafy").exists());
+    assert!(!env.join("escape").exists());
 }
 
 #[test]
