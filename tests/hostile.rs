@@ -1644,7 +1644,16 @@ fn fetch_rootfs_of_an_escaping_image_writes_only_inside_dir() {
     let host_dir = canary.join("dir").display().to_string();
     let host_victim = canary.join("victim").display().to_string();
     let before = fingerprint(&canary);
+    // With --no-cache the blobs sit in the staging folder beside the root,
+    // at ../blobs: the first layer aims at the third one's blob, and its
+    // writes must be found inside DIR instead.
+    let mut l3 = Tar::new();
+    l3.file("third", b"third layer", 0o644);
+    let l3 = layer(&l3.finish(), Comp::Gzip, Media::Oci);
+    let l3_hex = l3.digest.trim_start_matches("sha256:").to_string();
     let mut l1 = Tar::new();
+    l1.file(&format!("../blobs/sha256/{l3_hex}"), b"evil", 0o644);
+    l1.file(&format!("../../blobs/sha256/{l3_hex}"), b"evil", 0o644);
     l1.dir("var", 0o755).dir("run", 0o755);
     l1.symlink("var/run", "/run");
     l1.symlink("l", &host_dir);
@@ -1674,7 +1683,7 @@ fn fetch_rootfs_of_an_escaping_image_writes_only_inside_dir() {
         None,
         &Image::new(
             Media::Oci,
-            vec![l1, layer(&l2.finish(), Comp::Zstd, Media::Oci)],
+            vec![l1, layer(&l2.finish(), Comp::Zstd, Media::Oci), l3],
         ),
     );
     let out = env.run(&[
@@ -1712,6 +1721,27 @@ fn fetch_rootfs_of_an_escaping_image_writes_only_inside_dir() {
     assert!(l.is_dir() && l.permissions().mode() & 0o7777 == 0o777);
     assert!(staging_left(&env).is_empty());
     assert!(!env.join("escape").exists());
+    assert_eq!(std::fs::read(dir.join("third")).unwrap(), b"third layer");
+
+    let out = env.run(&[
+        "fetch",
+        "--plain-http",
+        &img.reference,
+        "--rootfs",
+        "--no-cache",
+        "-o",
+        "out-no-cache",
+        "-q",
+    ]);
+    assert_ok(&out);
+    let dir = env.join("out-no-cache");
+    assert_eq!(std::fs::read(dir.join("third")).unwrap(), b"third layer");
+    assert_eq!(
+        std::fs::read(dir.join(format!("blobs/sha256/{l3_hex}"))).unwrap(),
+        b"evil"
+    );
+    assert_eq!(fingerprint(&canary), before, "the canary changed");
+    assert!(staging_left(&env).is_empty());
 }
 
 #[test]
