@@ -297,9 +297,11 @@ impl Applier {
         {
             let entries = archive
                 .entries()
-                .map_err(|e| tar_error(layer, e))?
+                .map_err(|e| stream_error(layer, None, e))?
                 .raw(true);
             let mut ext = Extensions::default();
+            // A broken stream is reported after the last entry read whole.
+            let mut last: Option<String> = None;
             for entry in entries {
                 if self
                     .cancel
@@ -308,12 +310,13 @@ impl Applier {
                 {
                     return Err(Error::Interrupted);
                 }
-                let mut entry = entry.map_err(|e| tar_error(layer, e))?;
+                let mut entry = entry.map_err(|e| stream_error(layer, last.as_deref(), e))?;
                 let kind = entry.header().entry_type();
+                last = Some(show_name(&entry.header().path_bytes()));
                 match kind {
                     EntryType::XHeader => {
                         let data = read_extension(layer, &mut entry)?;
-                        ext.add_pax(layer, &data)?;
+                        ext.add_pax(layer, &show_name(&entry.header().path_bytes()), &data)?;
                         continue;
                     }
                     EntryType::XGlobalHeader => {
@@ -335,11 +338,12 @@ impl Applier {
                     Some(p) => p.clone(),
                     None => entry.header().path_bytes().into_owned(),
                 };
+                last = Some(show_name(&name));
                 self.apply_entry(layer, &mut written, &name, ext, &mut entry)?;
             }
         }
         let mut rest = archive.into_inner();
-        io::copy(&mut rest, &mut io::sink()).map_err(|e| tar_error(layer, e))?;
+        io::copy(&mut rest, &mut io::sink()).map_err(|e| stream_error(layer, None, e))?;
         let skipped = self.stats.skipped_special - skipped_before;
         if skipped > 0 {
             self.warnings.push(format!(
@@ -478,7 +482,9 @@ impl Applier {
                 let mut file = File::from(fd);
                 let mut copied = 0u64;
                 loop {
-                    let n = entry.read(&mut self.buf).map_err(|e| tar_error(layer, e))?;
+                    let n = entry
+                        .read(&mut self.buf)
+                        .map_err(io_err("cannot read its data from the layer"))?;
                     if n == 0 {
                         break;
                     }
@@ -896,10 +902,14 @@ fn show_name(name: &[u8]) -> String {
     )
 }
 
-fn tar_error(layer: &str, e: io::Error) -> Error {
+/// The stream broke: not tar, truncated, or a decoder error underneath.
+fn stream_error(layer: &str, after: Option<&str>, e: io::Error) -> Error {
     Error::Layer {
         layer: layer.to_string(),
-        reason: "the layer is not a valid tar stream".to_string(),
+        reason: match after {
+            Some(entry) => format!("the layer is not a valid tar stream after entry {entry:?}"),
+            None => "the layer is not a valid tar stream".to_string(),
+        },
         source: Some(e),
     }
 }
@@ -916,9 +926,12 @@ fn read_extension<R: Read>(layer: &str, entry: &mut tar::Entry<'_, R>) -> Result
         });
     }
     let mut data = Vec::with_capacity(size as usize);
-    entry
-        .read_to_end(&mut data)
-        .map_err(|e| tar_error(layer, e))?;
+    entry.read_to_end(&mut data).map_err(|e| Error::EntryIo {
+        layer: layer.to_string(),
+        entry: show_name(&entry.header().path_bytes()),
+        action: "cannot read the extended header from the layer",
+        source: e,
+    })?;
     Ok(data)
 }
 
@@ -930,11 +943,11 @@ fn trim_nul(mut bytes: Vec<u8>) -> Vec<u8> {
 }
 
 impl Extensions {
-    fn add_pax(&mut self, layer: &str, data: &[u8]) -> Result<()> {
-        let bad = |what: &str| Error::Layer {
+    fn add_pax(&mut self, layer: &str, header: &str, data: &[u8]) -> Result<()> {
+        let bad = |what: &str| Error::Entry {
             layer: layer.to_string(),
-            reason: format!("malformed PAX header: {what}"),
-            source: None,
+            entry: header.to_string(),
+            reason: format!("malformed PAX record: {what}"),
         };
         for record in tar::PaxExtensions::new(data) {
             let record = record.map_err(|_| bad("unparseable record"))?;

@@ -306,9 +306,10 @@ struct Frame {
 ///
 /// `visit(dir, name, node, id)` decides for each entry of each directory
 /// visited (`dir` is the identity of the directory holding it, `id` the
-/// entry's own); the entries of a directory being removed are not shown. `leave(fd)` is called for each
-/// directory descended into once its entries are done, after the walk holds
-/// its parent again (so it may take away the directory's search permission).
+/// entry's own); the entries of a directory being removed are not shown.
+/// `leave(fd)` is called for each directory descended into once its entries
+/// are done, after the walk holds its parent again (so it may take away the
+/// directory's search permission).
 pub fn walk(
     top: &OwnedFd,
     visit: &mut dyn FnMut(Id, &OsStr, Node, Id) -> io::Result<Step>,

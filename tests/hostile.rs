@@ -716,7 +716,6 @@ mod layer {
         h.set_gid(4343);
         h.set_mtime(1);
         h.set_cksum();
-        lab.plant(|root| std::fs::write(root.join("victim-in-root"), "x").unwrap());
         lab.ok(&[one(|t| {
             t.header(&h, b"");
         })]);
@@ -1388,7 +1387,11 @@ mod layer {
         let mut t = Tar::new();
         t.file("f", b"x", 0o644);
         t.raw_bytes(&[0x5a; 512]);
-        lab.fails(&[t.finish()], 0, &["not a valid tar stream"]);
+        lab.fails(
+            &[t.finish()],
+            0,
+            &["not a valid tar stream after entry \"f\"", "cksum"],
+        );
     }
 
     #[test]
@@ -1398,7 +1401,21 @@ mod layer {
         t.file("big", &[7u8; 4096], 0o644);
         let mut bytes = t.unfinished();
         bytes.truncate(512 + 1000);
-        lab.fails(&[bytes], 0, &["not a valid tar stream"]);
+        lab.fails(&[bytes], 0, &["not a valid tar stream after entry \"big\""]);
+    }
+
+    #[test]
+    fn a_malformed_pax_record_is_refused_naming_its_header() {
+        let mut lab = Lab::new();
+        lab.fails(
+            &[one(|t| {
+                t.pax(&[("uid", b"-1")]);
+                t.file("f", b"x", 0o644);
+            })],
+            0,
+            &["entry \"PaxHeader\"", "malformed PAX record: uid"],
+        );
+        lab.assert_root_untouched();
     }
 
     #[test]
@@ -1626,14 +1643,35 @@ fn fetch_rootfs_of_an_escaping_image_writes_only_inside_dir() {
     let host_dir = canary.join("dir").display().to_string();
     let host_victim = canary.join("victim").display().to_string();
     let before = fingerprint(&canary);
+    // With --no-cache the blobs sit in the staging folder beside the root,
+    // at ../blobs: the first layer aims at the third one's blob, and its
+    // writes must be found inside DIR instead.
+    let mut l3 = Tar::new();
+    l3.file("third", b"third layer", 0o644);
+    let l3 = layer(&l3.finish(), Comp::Gzip, Media::Oci);
+    let l3_hex = l3.digest.trim_start_matches("sha256:").to_string();
     let mut l1 = Tar::new();
+    l1.file(&format!("../blobs/sha256/{l3_hex}"), b"evil", 0o644);
+    l1.file(&format!("../../blobs/sha256/{l3_hex}"), b"evil", 0o644);
     l1.dir("var", 0o755).dir("run", 0o755);
     l1.symlink("var/run", "/run");
     l1.symlink("l", &host_dir);
     l1.symlink("v", &host_victim);
     l1.file("../../../escape", b"e", 0o644);
+    let l1 = layer(&l1.finish(), Comp::Gzip, Media::Oci);
+    // The blob cache is beside DIR too: aim at the first layer's blob.
+    let blobs = env.join("cache/hydrafy/blobs/sha256");
+    let l1_hex = l1.digest.trim_start_matches("sha256:").to_string();
+    let pid_name = format!("hydrafy-e2e-{}", std::process::id());
     let mut l2 = Tar::new();
-    l2.file("var/run/pid", b"1", 0o644);
+    l2.file(&format!("var/run/{pid_name}"), b"1", 0o644);
+    l2.symlink("c", &blobs.display().to_string());
+    l2.file(&format!("c/{l1_hex}"), b"evil", 0o644);
+    l2.file(
+        &format!("../../../../../cache/hydrafy/blobs/sha256/{l1_hex}"),
+        b"evil",
+        0o644,
+    );
     l2.file("l/keep", b"evil", 0o644);
     l2.file("v", b"replaced", 0o644);
     l2.whiteout("l/keep-not");
@@ -1644,10 +1682,7 @@ fn fetch_rootfs_of_an_escaping_image_writes_only_inside_dir() {
         None,
         &Image::new(
             Media::Oci,
-            vec![
-                layer(&l1.finish(), Comp::Gzip, Media::Oci),
-                layer(&l2.finish(), Comp::Zstd, Media::Oci),
-            ],
+            vec![l1, layer(&l2.finish(), Comp::Zstd, Media::Oci), l3],
         ),
     );
     let out = env.run(&[
@@ -1662,7 +1697,21 @@ fn fetch_rootfs_of_an_escaping_image_writes_only_inside_dir() {
     assert_ok(&out);
     assert_eq!(fingerprint(&canary), before, "the canary changed");
     let dir = env.join("out");
-    assert_eq!(std::fs::read(dir.join("run/pid")).unwrap(), b"1");
+    assert_eq!(
+        std::fs::read(dir.join("run").join(&pid_name)).unwrap(),
+        b"1"
+    );
+    assert!(!Path::new("/run").join(&pid_name).exists());
+    let cached = listing(&blobs);
+    assert!(cached.contains(&l1_hex), "{cached:?}");
+    for hex in cached {
+        let bytes = std::fs::read(blobs.join(&hex)).unwrap();
+        assert_eq!(
+            crate::support::image::sha256(&bytes),
+            format!("sha256:{hex}"),
+            "a cached blob was overwritten"
+        );
+    }
     assert_eq!(std::fs::read(dir.join("escape")).unwrap(), b"e");
     assert_eq!(std::fs::read(dir.join("v")).unwrap(), b"replaced");
     let inside = dir.join(host_dir.trim_start_matches('/'));
@@ -1670,7 +1719,28 @@ fn fetch_rootfs_of_an_escaping_image_writes_only_inside_dir() {
     let l = std::fs::symlink_metadata(dir.join("l")).unwrap();
     assert!(l.is_dir() && l.permissions().mode() & 0o7777 == 0o777);
     assert!(staging_left(&env).is_empty());
-    assert!(!env.join("escape").exists() && !Path::new("/run/pid-hydrafy").exists());
+    assert!(!env.join("escape").exists());
+    assert_eq!(std::fs::read(dir.join("third")).unwrap(), b"third layer");
+
+    let out = env.run(&[
+        "fetch",
+        "--plain-http",
+        &img.reference,
+        "--rootfs",
+        "--no-cache",
+        "-o",
+        "out-no-cache",
+        "-q",
+    ]);
+    assert_ok(&out);
+    let dir = env.join("out-no-cache");
+    assert_eq!(std::fs::read(dir.join("third")).unwrap(), b"third layer");
+    assert_eq!(
+        std::fs::read(dir.join(format!("blobs/sha256/{l3_hex}"))).unwrap(),
+        b"evil"
+    );
+    assert_eq!(fingerprint(&canary), before, "the canary changed");
+    assert!(staging_left(&env).is_empty());
 }
 
 #[test]

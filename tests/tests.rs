@@ -3,6 +3,7 @@
 mod support;
 
 mod airgap;
+mod differential;
 mod fetch;
 mod hostile;
 mod merge;
