@@ -155,6 +155,7 @@ impl BlobStore {
             return Ok(Claim::Writer(Box::new(BlobWriter {
                 file,
                 partial,
+                growing: None,
                 dest: self.path(&desc.digest),
                 desc: desc.clone(),
                 hasher,
@@ -279,9 +280,42 @@ fn rewind_to_zero(file: &mut File, path: &Path) -> Result<()> {
 /// It holds the partial file's lock until it is dropped. Dropped without a
 /// commit, it leaves what it wrote for the next run to resume (an empty
 /// partial is removed).
+/// A blob being written, as seen by a reader that follows it: where its
+/// bytes are and how many of them are there. The bytes are not verified yet;
+/// a reader must not finish before the blob gets its final name.
+#[derive(Debug, Default)]
+pub struct Growing {
+    path: std::sync::OnceLock<PathBuf>,
+    len: std::sync::atomic::AtomicU64,
+}
+
+impl Growing {
+    /// The file the bytes go to, once a writer holds it.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.get().map(PathBuf::as_path)
+    }
+
+    /// How many bytes from the start of that file are written. It drops to
+    /// zero when a download starts over; the bytes that come again are the
+    /// same bytes (or the blob fails to verify).
+    pub fn len(&self) -> u64 {
+        self.len.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// True before any byte was written.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn set_len(&self, len: u64) {
+        self.len.store(len, std::sync::atomic::Ordering::Release);
+    }
+}
+
 pub struct BlobWriter {
     file: File,
     partial: PathBuf,
+    growing: Option<std::sync::Arc<Growing>>,
     dest: PathBuf,
     desc: Descriptor,
     hasher: Hasher,
@@ -304,7 +338,18 @@ impl BlobWriter {
         self.hasher.update(bytes);
         self.file
             .write_all(bytes)
-            .map_err(|e| Error::io(&self.partial, "cannot write temporary blob", e))
+            .map_err(|e| Error::io(&self.partial, "cannot write temporary blob", e))?;
+        if let Some(g) = &self.growing {
+            g.set_len(self.hasher.len());
+        }
+        Ok(())
+    }
+
+    /// Let a reader follow the bytes as they are written (see [`Growing`]).
+    pub fn watch(&mut self, growing: std::sync::Arc<Growing>) {
+        let _ = growing.path.set(self.partial.clone());
+        growing.set_len(self.hasher.len());
+        self.growing = Some(growing);
     }
 
     /// Bytes held so far (including those found on disk when claimed).
@@ -325,6 +370,9 @@ impl BlobWriter {
     /// Drop what was written and start again from zero (a server ignored a
     /// range request and sent the whole blob, or the bytes did not verify).
     pub fn restart(&mut self) -> Result<()> {
+        if let Some(g) = &self.growing {
+            g.set_len(0);
+        }
         rewind_to_zero(&mut self.file, &self.partial)?;
         self.hasher = Hasher::default();
         self.resumed = 0;

@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use crate::apply::{Applier, ApplyStats};
-use crate::blobstore::BlobStore;
+use crate::blobstore::{BlobStore, Growing};
 use crate::cancel::Cancel;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -44,11 +44,21 @@ pub async fn unpack_from_registry(
         let board = Arc::clone(&board);
         let flag = cancel.flag();
         let digest = desc.digest;
-        Box::new(move || {
-            let path = board.wait(&digest, &flag)?;
-            let file = File::open(&path)
-                .map_err(|e| Error::io(&path, "cannot open downloaded blob", e))?;
-            Ok(Box::new(file) as Box<dyn Read + Send>)
+        Box::new(move || match board.wait(&digest, &flag)? {
+            Landed::Ready(path) => {
+                let file = File::open(&path)
+                    .map_err(|e| Error::io(&path, "cannot open downloaded blob", e))?;
+                Ok(Box::new(file) as Box<dyn Read + Send>)
+            }
+            Landed::Growing(growing) => Ok(Box::new(Following {
+                growing,
+                board,
+                digest,
+                cancel: flag,
+                file: None,
+                pos: 0,
+                complete: false,
+            }) as Box<dyn Read + Send>),
         })
     });
     let mut seen = HashSet::new();
@@ -159,7 +169,7 @@ pub async fn download_blobs(
         .iter()
         .filter_map(|(d, s)| match s {
             Slot::Ready(p) => Some((*d, p.clone())),
-            Slot::Failed(_) => None,
+            Slot::Failed(_) | Slot::Writing(_) => None,
         })
         .collect();
     Ok((paths, downloaded))
@@ -182,8 +192,11 @@ async fn download_all(
             let registry = Arc::clone(&registry);
             let store = store.clone();
             let reporter = Arc::clone(&reporter);
+            let board = Arc::clone(&board);
             async move {
-                let result = fetch_blob(&registry, &store, &desc, &*reporter).await;
+                let growing = Arc::new(Growing::default());
+                board.writing(desc.digest, Arc::clone(&growing));
+                let result = fetch_blob(&registry, &store, &desc, &*reporter, growing).await;
                 (desc.digest, result)
             }
         })
@@ -214,6 +227,7 @@ async fn fetch_blob(
     store: &BlobStore,
     desc: &Descriptor,
     reporter: &dyn Reporter,
+    growing: Arc<Growing>,
 ) -> Result<(PathBuf, u64)> {
     if store.has(desc) {
         let (s, d) = (store.clone(), desc.clone());
@@ -228,7 +242,7 @@ async fn fetch_blob(
             desc.digest
         ));
     }
-    registry.download_blob(desc, store).await
+    registry.download_blob(desc, store, Some(growing)).await
 }
 
 /// Where the decoder thread waits for downloads to land.
@@ -239,11 +253,28 @@ struct BlobBoard {
 }
 
 enum Slot {
+    /// Being downloaded: a reader may follow it.
+    Writing(Arc<Growing>),
+    /// Downloaded and verified (or found verified in the store).
     Ready(PathBuf),
     Failed(Option<Error>),
 }
 
+/// What a reader of a blob gets from the board.
+enum Landed {
+    Ready(PathBuf),
+    Growing(Arc<Growing>),
+}
+
 impl BlobBoard {
+    fn writing(&self, digest: Digest, growing: Arc<Growing>) {
+        self.slots
+            .lock()
+            .expect("board lock")
+            .insert(digest, Slot::Writing(growing));
+        self.landed.notify_all();
+    }
+
     fn post(&self, digest: Digest, result: Result<PathBuf>) {
         let slot = match result {
             Ok(path) => Slot::Ready(path),
@@ -253,17 +284,14 @@ impl BlobBoard {
         self.landed.notify_all();
     }
 
-    fn wait(&self, digest: &Digest, cancel: &AtomicBool) -> Result<PathBuf> {
+    /// Wait until the blob is being written or is there.
+    fn wait(&self, digest: &Digest, cancel: &AtomicBool) -> Result<Landed> {
         let mut slots = self.slots.lock().expect("board lock");
         loop {
             match slots.get(digest) {
-                Some(Slot::Ready(path)) => return Ok(path.clone()),
-                Some(Slot::Failed(_)) => {
-                    return Err(Error::registry(
-                        format!("blob {digest}"),
-                        "the download failed",
-                    ));
-                }
+                Some(Slot::Ready(path)) => return Ok(Landed::Ready(path.clone())),
+                Some(Slot::Writing(g)) => return Ok(Landed::Growing(Arc::clone(g))),
+                Some(Slot::Failed(_)) => return Err(download_failed(digest)),
                 None if cancel.load(Ordering::Relaxed) => return Err(Error::Interrupted),
                 None => {}
             }
@@ -275,12 +303,110 @@ impl BlobBoard {
         }
     }
 
+    /// Where the blob landed (`Some(Ok)`), that it failed (`Some(Err)`), or
+    /// that it is still coming (`None`, after waiting up to `patience`).
+    fn landed(
+        &self,
+        digest: &Digest,
+        patience: Duration,
+    ) -> Option<std::result::Result<PathBuf, ()>> {
+        let state = |slots: &HashMap<Digest, Slot>| match slots.get(digest) {
+            Some(Slot::Ready(path)) => Some(Ok(path.clone())),
+            Some(Slot::Failed(_)) => Some(Err(())),
+            _ => None,
+        };
+        let slots = self.slots.lock().expect("board lock");
+        if let Some(s) = state(&slots) {
+            return Some(s);
+        }
+        let slots = self
+            .landed
+            .wait_timeout(slots, patience)
+            .expect("board lock")
+            .0;
+        state(&slots)
+    }
+
     /// The first download error, if any (given out once).
     fn take_error(&self) -> Option<Error> {
         let mut slots = self.slots.lock().expect("board lock");
         slots.values_mut().find_map(|s| match s {
             Slot::Failed(e) => e.take(),
-            Slot::Ready(_) => None,
+            Slot::Ready(_) | Slot::Writing(_) => None,
         })
+    }
+}
+
+fn download_failed(digest: &Digest) -> Error {
+    Error::registry(format!("blob {digest}"), "the download failed")
+}
+
+/// Reads a blob while it is downloaded, so that decompressing a large layer
+/// overlaps with fetching it. It never gets ahead of the bytes written, and
+/// it reports the end of the blob only once the download has verified it
+/// and given it its name; a failed download is an error here. Bytes read
+/// before a download started over are the same bytes, or the blob fails to
+/// verify and the layer with it.
+struct Following {
+    growing: Arc<Growing>,
+    board: Arc<BlobBoard>,
+    digest: Digest,
+    cancel: Arc<AtomicBool>,
+    file: Option<File>,
+    pos: u64,
+    /// The blob verified: read the file to its end.
+    complete: bool,
+}
+
+impl Read for Following {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("interrupted"));
+            }
+            if self.file.is_none()
+                && let Some(path) = self.growing.path()
+            {
+                match File::open(path) {
+                    Ok(file) => self.file = Some(file),
+                    // Renamed to its final name a moment ago: the board says where.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let written = self.growing.len();
+            if let Some(file) = &self.file
+                && (self.complete || self.pos < written)
+            {
+                let want = if self.complete {
+                    buf.len()
+                } else {
+                    buf.len().min((written - self.pos) as usize)
+                };
+                let n = file.read_at(&mut buf[..want], self.pos)?;
+                self.pos += n as u64;
+                if n > 0 || self.complete {
+                    return Ok(n);
+                }
+            }
+            match self.board.landed(&self.digest, Duration::from_millis(5)) {
+                Some(Ok(path)) => {
+                    // A file already open is the partial, renamed to this
+                    // name since: the same file. Else the blob was found
+                    // whole (in the cache, or written by another run).
+                    if self.file.is_none() {
+                        self.file = Some(File::open(path)?);
+                    }
+                    self.complete = true;
+                }
+                Some(Err(())) => {
+                    return Err(std::io::Error::other(
+                        download_failed(&self.digest).to_string(),
+                    ));
+                }
+                None => {}
+            }
+        }
     }
 }

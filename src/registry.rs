@@ -49,7 +49,7 @@ use reqwest::{Method, StatusCode};
 use tokio::sync::{Mutex, OnceCell};
 
 use crate::auth::{self, Challenge, Token};
-use crate::blobstore::{BlobStore, BlobWriter, Claim};
+use crate::blobstore::{BlobStore, BlobWriter, Claim, Growing};
 use crate::credentials::{self, Credentials};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -442,14 +442,22 @@ impl Registry {
     /// the store (by this run or an earlier one) is resumed with Range
     /// requests; a blob another process is downloading into the same store is
     /// waited for. Returns the stored path and the bytes received.
+    ///
+    /// With `growing`, a reader can follow the bytes as they arrive (the
+    /// unpack pipeline starts on a large layer before it is all here); it
+    /// learns that the blob verified when this returns.
     pub async fn download_blob(
         &self,
         desc: &Descriptor,
         store: &BlobStore,
+        growing: Option<Arc<Growing>>,
     ) -> Result<(PathBuf, u64)> {
         let Some(mut writer) = self.claim(desc, store).await? else {
             return Ok((store.path(&desc.digest), 0));
         };
+        if let Some(g) = growing {
+            writer.watch(g);
+        }
         if writer.resumed() > 0 {
             self.reporter.info(&format!(
                 "blob {}: resuming at byte {} of {}, where an earlier run stopped",

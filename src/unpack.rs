@@ -127,6 +127,23 @@ fn decode_one(
     free: &Receiver<Vec<u8>>,
     cancel: &AtomicBool,
 ) -> Result<()> {
+    // A reader that stopped because the run was cancelled fails with an I/O
+    // error; the cause is the cancellation, not the blob.
+    decode_stream(layer, tx, free, cancel).map_err(|e| {
+        if cancel.load(Ordering::Relaxed) {
+            Error::Interrupted
+        } else {
+            e
+        }
+    })
+}
+
+fn decode_stream(
+    layer: LayerInput,
+    tx: &SyncSender<Msg>,
+    free: &Receiver<Vec<u8>>,
+    cancel: &AtomicBool,
+) -> Result<()> {
     let label = layer.descriptor.digest.to_string();
     let blob = (layer.open)()?;
     let blob_hash = Arc::new(Mutex::new(Hasher::default()));

@@ -907,3 +907,76 @@ fn a_nix_image_from_a_real_store_passes_nix_store_verify() {
     let (ok, text) = nix::verify(&env.join("nix-backup"));
     assert!(!ok && text.contains("was modified"), "{text}");
 }
+
+#[test]
+fn a_large_layer_is_unpacked_while_it_is_still_downloading() {
+    let reg = Registry::start();
+    let mut t = Tar::new();
+    for i in 0..200u32 {
+        t.file(&format!("f{i:03}"), &vec![i as u8; 64 << 10], 0o644);
+    }
+    let img = push(
+        &reg.addr,
+        "big",
+        Some("v1"),
+        &Image::new(Media::Oci, vec![layer(&t.finish(), Comp::None, Media::Oci)]),
+    );
+    let blob = img.layer_digests[0].clone();
+    let pause = Duration::from_secs(3);
+    let proxy = Proxy::start("127.0.0.1", &reg.addr, move |r| {
+        if r.path.ends_with(&blob) {
+            Action::PauseAfter(2 << 20, pause)
+        } else {
+            Action::Pass
+        }
+    });
+    let env = TestEnv::new();
+    let reference = img.reference.replace(&reg.addr, &proxy.addr);
+    let child = env
+        .hydrafy()
+        .args([
+            "fetch",
+            "--plain-http",
+            &reference,
+            "--rootfs",
+            "--no-cache",
+            "-q",
+            "-o",
+            "out",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While the registry holds the rest of the blob back, the first files are already written.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let early = loop {
+        let staged = listing(env.path())
+            .into_iter()
+            .find(|n| n.contains("hydrafy-staging"));
+        if let Some(dir) = staged
+            && env.join(&dir).join("rootfs/f000").is_file()
+        {
+            break true;
+        }
+        if !proxy.seen().is_empty()
+            && proxy
+                .seen()
+                .iter()
+                .any(|s| s.request.is_blob() && s.body_bytes > (2 << 20))
+        {
+            break false;
+        }
+        assert!(Instant::now() < deadline, "no staged file appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert_ok(&out);
+    assert!(
+        early,
+        "f000 was written only after the whole blob had arrived"
+    );
+    assert_eq!(
+        std::fs::read(env.join("out/f199")).unwrap(),
+        vec![199u8; 64 << 10]
+    );
+}

@@ -61,6 +61,8 @@ pub enum Action {
     Forward(String),
     /// Close the connection without answering (a reset before any response).
     Drop,
+    /// Relay this many body bytes, then pause this long, then relay the rest.
+    PauseAfter(u64, Duration),
 }
 
 /// One logged exchange.
@@ -282,11 +284,23 @@ fn serve(
     let mut sent = 0u64;
     let mut buf = vec![0u8; 64 << 10];
     let mut corrupted = false;
+    let mut paused = false;
     loop {
-        let want = match limit {
-            Some(n) if sent >= n => break,
-            Some(n) => buf.len().min((n - sent) as usize),
-            None => buf.len(),
+        if let Action::PauseAfter(n, pause) = &action
+            && !paused
+            && sent >= *n
+        {
+            paused = true;
+            client.flush()?;
+            std::thread::sleep(*pause);
+        }
+        let want = match (limit, &action) {
+            (_, Action::PauseAfter(n, _)) if !paused => buf.len().min((n - sent) as usize).max(1),
+            _ => match limit {
+                Some(n) if sent >= n => break,
+                Some(n) => buf.len().min((n - sent) as usize),
+                None => buf.len(),
+            },
         };
         let k = up_reader.read(&mut buf[..want])?;
         if k == 0 {
