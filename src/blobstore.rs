@@ -281,12 +281,15 @@ fn rewind_to_zero(file: &mut File, path: &Path) -> Result<()> {
 /// commit, it leaves what it wrote for the next run to resume (an empty
 /// partial is removed).
 /// A blob being written, as seen by a reader that follows it: where its
-/// bytes are and how many of them are there. The bytes are not verified yet;
-/// a reader must not finish before the blob gets its final name.
+/// bytes are, how many of them are there, and how many times the writer
+/// threw its bytes away and started over. The bytes are not verified yet; a
+/// reader must not finish before the blob gets its final name, and bytes it
+/// read before a restart may not be the bytes that finally verify.
 #[derive(Debug, Default)]
 pub struct Growing {
     path: std::sync::OnceLock<PathBuf>,
     len: std::sync::atomic::AtomicU64,
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Growing {
@@ -296,10 +299,16 @@ impl Growing {
     }
 
     /// How many bytes from the start of that file are written. It drops to
-    /// zero when a download starts over; the bytes that come again are the
-    /// same bytes (or the blob fails to verify).
+    /// zero when a download starts over.
     pub fn len(&self) -> u64 {
-        self.len.load(std::sync::atomic::Ordering::Acquire)
+        self.len.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many times the writer started over. It moves before the length
+    /// drops and before any byte is rewritten, so a reader that sees the
+    /// same epoch before and after a read read bytes of that epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// True before any byte was written.
@@ -308,7 +317,12 @@ impl Growing {
     }
 
     fn set_len(&self, len: u64) {
-        self.len.store(len, std::sync::atomic::Ordering::Release);
+        self.len.store(len, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn start_over(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.set_len(0);
     }
 }
 
@@ -371,7 +385,7 @@ impl BlobWriter {
     /// range request and sent the whole blob, or the bytes did not verify).
     pub fn restart(&mut self) -> Result<()> {
         if let Some(g) = &self.growing {
-            g.set_len(0);
+            g.start_over();
         }
         rewind_to_zero(&mut self.file, &self.partial)?;
         self.hasher = Hasher::default();

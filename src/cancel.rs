@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 /// One run's cancellation: a flag for threads, a token for tasks.
 #[derive(Clone, Default)]
@@ -43,5 +44,22 @@ impl Cancel {
     /// Resolves once cancelled.
     pub async fn cancelled(&self) {
         self.token.cancelled().await
+    }
+
+    /// A handle for one attempt at a piece of work: cancelled whenever this
+    /// one is, yet stoppable on its own (a failed unpack stops its decoder)
+    /// without stopping the run, so the run can try again. The link lasts
+    /// while the returned guard lives; it needs a Tokio runtime.
+    pub fn attempt(&self) -> (Cancel, AbortOnDropHandle<()>) {
+        let child = Cancel {
+            flag: Arc::new(AtomicBool::new(self.is_cancelled())),
+            token: self.token.child_token(),
+        };
+        let (flag, token) = (child.flag(), child.token.clone());
+        let link = tokio::spawn(async move {
+            token.cancelled().await;
+            flag.store(true, Ordering::SeqCst);
+        });
+        (child, AbortOnDropHandle::new(link))
     }
 }

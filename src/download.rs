@@ -9,11 +9,12 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Read;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::apply::{Applier, ApplyStats};
 use crate::blobstore::{BlobStore, Growing};
@@ -28,6 +29,14 @@ use crate::unpack::{self, LayerInput};
 
 /// Download the image's layers into `store` and unpack them onto `rootfs`,
 /// both at once. Returns what was applied and how many bytes came over the wire.
+///
+/// With `follow`, a layer is decompressed while its blob is still coming in
+/// (see [`Following`]). Those bytes are verified only when the blob is
+/// whole, so when the unpack fails on a layer it followed, the verdict waits
+/// for that blob: a download that failed is the error to report, and a blob
+/// that verified only after its source was replaced is
+/// [`Error::SourceReplaced`], for the caller to unpack again without
+/// following.
 #[allow(clippy::too_many_arguments)]
 pub async fn unpack_from_registry(
     registry: Arc<Registry>,
@@ -36,29 +45,37 @@ pub async fn unpack_from_registry(
     mut applier: Applier,
     skip_layers: &[bool],
     jobs: usize,
+    follow: bool,
     reporter: &Arc<dyn Reporter>,
     cancel: &Cancel,
 ) -> Result<(ApplyStats, Vec<Option<Vec<String>>>, u64)> {
+    // A failed attempt stops its own decoder, not the run: the caller may retry.
+    let run = cancel;
+    let (cancel, _link) = cancel.attempt();
     let board = Arc::new(BlobBoard::default());
     let layers = layer_inputs(resolved, skip_layers, |desc| {
         let board = Arc::clone(&board);
         let flag = cancel.flag();
         let digest = desc.digest;
-        Box::new(move || match board.wait(&digest, &flag)? {
+        Box::new(move || match board.wait(&digest, follow, &flag)? {
             Landed::Ready(path) => {
                 let file = File::open(&path)
                     .map_err(|e| Error::io(&path, "cannot open downloaded blob", e))?;
                 Ok(Box::new(file) as Box<dyn Read + Send>)
             }
-            Landed::Growing(growing) => Ok(Box::new(Following {
-                growing,
-                board,
-                digest,
-                cancel: flag,
-                file: None,
-                pos: 0,
-                complete: false,
-            }) as Box<dyn Read + Send>),
+            Landed::Growing(growing) => {
+                let read_epoch = board.followed(digest, &growing);
+                Ok(Box::new(Following {
+                    growing,
+                    board,
+                    digest,
+                    cancel: flag,
+                    read_epoch,
+                    file: None,
+                    pos: 0,
+                    complete: false,
+                }) as Box<dyn Read + Send>)
+            }
         })
     });
     let mut seen = HashSet::new();
@@ -79,7 +96,7 @@ pub async fn unpack_from_registry(
             .and_then(|()| applier.finish());
         ((applier.stats().clone(), applier.take_layer_log()), result)
     });
-    let downloads = download_all(
+    let mut downloads = AbortOnDropHandle::new(tokio::spawn(download_all(
         registry,
         store.clone(),
         blobs,
@@ -87,16 +104,21 @@ pub async fn unpack_from_registry(
         Arc::clone(&board),
         Arc::clone(reporter),
         cancel.clone(),
-    );
-    tokio::pin!(downloads);
+    )));
 
     let (stats, unpacked, downloaded) = tokio::select! {
         joined = &mut unpack_task => {
             let (stats, result) = joined.expect("unpack thread panicked");
-            let downloaded = if result.is_ok() { downloads.await } else { Err(()) };
+            let downloaded = if result.is_ok() {
+                (&mut downloads).await.expect("download task panicked")
+            } else {
+                board.settle_followed(&downloads, run).await;
+                Err(())
+            };
             (stats, result, downloaded)
         }
         downloaded = &mut downloads => {
+            let downloaded = downloaded.expect("download task panicked");
             if downloaded.is_err() {
                 cancel.flag().store(true, Ordering::SeqCst);
             }
@@ -106,6 +128,11 @@ pub async fn unpack_from_registry(
     };
     if let Some(e) = board.take_error() {
         return Err(e);
+    }
+    if unpacked.is_err()
+        && let Some(digest) = board.replaced()
+    {
+        return Err(Error::SourceReplaced { digest });
     }
     unpacked?;
     let downloaded = downloaded.map_err(|()| Error::Interrupted)?;
@@ -250,7 +277,21 @@ async fn fetch_blob(
 struct BlobBoard {
     slots: Mutex<HashMap<Digest, Slot>>,
     landed: Condvar,
+    /// Blobs a reader followed while they were written, with the writer's
+    /// epoch its bytes came from (`NOT_READ` before the first byte).
+    followed: Mutex<Vec<Followed>>,
 }
+
+/// A blob a reader followed while it was written.
+struct Followed {
+    digest: Digest,
+    growing: Arc<Growing>,
+    /// The writer's epoch the reader's bytes came from, or `NOT_READ`.
+    read_epoch: Arc<AtomicU64>,
+}
+
+/// A follower that has not read a byte yet.
+const NOT_READ: u64 = u64::MAX;
 
 enum Slot {
     /// Being downloaded: a reader may follow it.
@@ -284,16 +325,18 @@ impl BlobBoard {
         self.landed.notify_all();
     }
 
-    /// Wait until the blob is being written or is there.
-    fn wait(&self, digest: &Digest, cancel: &AtomicBool) -> Result<Landed> {
+    /// Wait until the blob is there, or (with `follow`) being written.
+    fn wait(&self, digest: &Digest, follow: bool, cancel: &AtomicBool) -> Result<Landed> {
         let mut slots = self.slots.lock().expect("board lock");
         loop {
             match slots.get(digest) {
                 Some(Slot::Ready(path)) => return Ok(Landed::Ready(path.clone())),
-                Some(Slot::Writing(g)) => return Ok(Landed::Growing(Arc::clone(g))),
+                Some(Slot::Writing(g)) if follow => return Ok(Landed::Growing(Arc::clone(g))),
                 Some(Slot::Failed(_)) => return Err(download_failed(digest)),
-                None if cancel.load(Ordering::Relaxed) => return Err(Error::Interrupted),
-                None => {}
+                Some(Slot::Writing(_)) | None if cancel.load(Ordering::Relaxed) => {
+                    return Err(Error::Interrupted);
+                }
+                Some(Slot::Writing(_)) | None => {}
             }
             slots = self
                 .landed
@@ -327,6 +370,48 @@ impl BlobBoard {
         state(&slots)
     }
 
+    /// Note that a reader follows `digest` as it is written; the reader
+    /// records in the returned cell the epoch its bytes come from.
+    fn followed(&self, digest: Digest, growing: &Arc<Growing>) -> Arc<AtomicU64> {
+        let read_epoch = Arc::new(AtomicU64::new(NOT_READ));
+        self.followed.lock().expect("board lock").push(Followed {
+            digest,
+            growing: Arc::clone(growing),
+            read_epoch: Arc::clone(&read_epoch),
+        });
+        read_epoch
+    }
+
+    /// Wait until every blob a reader took bytes of before it was verified
+    /// has landed or failed (or the downloads stopped, or `run` was
+    /// cancelled), so that [`BlobBoard::take_error`] and
+    /// [`BlobBoard::replaced`] can judge what the reader was given.
+    async fn settle_followed<T>(&self, downloads: &AbortOnDropHandle<T>, run: &Cancel) {
+        let pending = || {
+            let followed = self.followed.lock().expect("board lock");
+            let slots = self.slots.lock().expect("board lock");
+            followed.iter().any(|f| {
+                f.read_epoch.load(Ordering::SeqCst) != NOT_READ
+                    && matches!(slots.get(&f.digest), Some(Slot::Writing(_)))
+            })
+        };
+        while pending() && !downloads.is_finished() && !run.is_cancelled() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A blob that landed verified although a reader took bytes of it from
+    /// a source whose bytes were then thrown away.
+    fn replaced(&self) -> Option<Digest> {
+        let followed = self.followed.lock().expect("board lock");
+        let slots = self.slots.lock().expect("board lock");
+        followed.iter().find_map(|f| {
+            let read = f.read_epoch.load(Ordering::SeqCst);
+            let landed = matches!(slots.get(&f.digest), Some(Slot::Ready(_)));
+            (landed && read != NOT_READ && read != f.growing.epoch()).then_some(f.digest)
+        })
+    }
+
     /// The first download error, if any (given out once).
     fn take_error(&self) -> Option<Error> {
         let mut slots = self.slots.lock().expect("board lock");
@@ -344,14 +429,18 @@ fn download_failed(digest: &Digest) -> Error {
 /// Reads a blob while it is downloaded, so that decompressing a large layer
 /// overlaps with fetching it. It never gets ahead of the bytes written, and
 /// it reports the end of the blob only once the download has verified it
-/// and given it its name; a failed download is an error here. Bytes read
-/// before a download started over are the same bytes, or the blob fails to
-/// verify and the layer with it.
+/// and given it its name; a failed download is an error here. If the writer
+/// starts over after this reader took bytes (the source's bytes did not
+/// verify, or a server ignored a range request), those bytes may not be the
+/// blob's: the reader fails, and [`BlobBoard::replaced`] tells the caller
+/// why once the blob has landed.
 struct Following {
     growing: Arc<Growing>,
     board: Arc<BlobBoard>,
     digest: Digest,
     cancel: Arc<AtomicBool>,
+    /// The writer's epoch the bytes read so far came from.
+    read_epoch: Arc<AtomicU64>,
     file: Option<File>,
     pos: u64,
     /// The blob verified: read the file to its end.
@@ -375,6 +464,16 @@ impl Read for Following {
                     Err(e) => return Err(e),
                 }
             }
+            // The epoch moves before the writer rewrites a byte, so the same
+            // epoch before and after a read means the bytes are of that epoch.
+            let epoch = self.growing.epoch();
+            let read_epoch = self.read_epoch.load(Ordering::SeqCst);
+            if read_epoch != NOT_READ && read_epoch != epoch {
+                return Err(std::io::Error::other(format!(
+                    "blob {}: the download started over after part of it was read",
+                    self.digest
+                )));
+            }
             let written = self.growing.len();
             if let Some(file) = &self.file
                 && (self.complete || self.pos < written)
@@ -385,6 +484,12 @@ impl Read for Following {
                     buf.len().min((written - self.pos) as usize)
                 };
                 let n = file.read_at(&mut buf[..want], self.pos)?;
+                if self.growing.epoch() != epoch {
+                    continue;
+                }
+                if n > 0 && read_epoch == NOT_READ {
+                    self.read_epoch.store(epoch, Ordering::SeqCst);
+                }
                 self.pos += n as u64;
                 if n > 0 || self.complete {
                     return Ok(n);

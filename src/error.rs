@@ -115,6 +115,15 @@ pub enum Error {
     #[error("layer {layer}: entry {entry:?} hard-links into a store path the seed already holds")]
     SkippedLinkTarget { layer: String, entry: String },
 
+    /// Part of a layer was unpacked while its blob downloaded, and then the
+    /// source's bytes failed to verify and another source (or a fresh
+    /// start) supplied the blob: what was unpacked may not be the image's.
+    /// The caller unpacks again from verified blobs only.
+    #[error(
+        "blob {digest}: part of the layer was unpacked from bytes that then failed to verify; run the command again"
+    )]
+    SourceReplaced { digest: Digest },
+
     /// Ctrl-C or SIGTERM.
     #[error("interrupted; the output directory was left as it was")]
     Interrupted,

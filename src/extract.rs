@@ -65,21 +65,20 @@ pub async fn extract(
     let staging = out.stage()?;
     let plan = SkipPlan::new(&out, opts.existing, &resolved)?;
     let apply = ApplyOptions::for_current_user(opts.rootfs);
-    let unpacked = match unpack_archive(
-        &archive, &resolved, &staging, apply, &plan, &reporter, cancel,
-    )
-    .await
-    {
-        Err(Error::SkippedLinkTarget { .. }) => {
-            reporter.info("a new store path hard-links into one the seed already has; unpacking the whole image");
-            staging.reset_rootfs()?;
-            let none = SkipPlan::none(&resolved);
-            unpack_archive(
-                &archive, &resolved, &staging, apply, &none, &reporter, cancel,
-            )
-            .await?
+    let mut attempt = plan.clone();
+    let unpacked = loop {
+        match unpack_archive(
+            &archive, &resolved, &staging, apply, &attempt, &reporter, cancel,
+        )
+        .await
+        {
+            Err(Error::SkippedLinkTarget { .. }) if attempt.skips_any() => {
+                reporter.info("a new store path hard-links into one the seed already has; unpacking the whole image");
+                attempt = SkipPlan::none(&resolved);
+                staging.reset_rootfs()?;
+            }
+            other => break other?,
         }
-        other => other?,
     };
     let merged = finish_output(
         &out,
@@ -111,6 +110,8 @@ async fn unpack_archive(
     reporter.layer_total(layers.len() as u64);
     let mut applier = Applier::new(&staging.rootfs(), apply)?;
     applier.skip_store_paths(plan.paths.clone());
+    // A failed attempt stops its own decoder, not the run: the caller may retry.
+    let (cancel, _link) = cancel.attempt();
     applier.set_cancel(cancel.flag());
     let flag = cancel.flag();
     let unpack_reporter = Arc::clone(reporter);

@@ -128,7 +128,7 @@ pub async fn fetch(
     let plan = SkipPlan::new(&out, opts.existing, &resolved)?;
     let registry = Arc::new(registry);
     let apply = ApplyOptions::for_current_user(opts.rootfs);
-    let unpack_into = |plan: SkipPlan| {
+    let unpack_into = |plan: SkipPlan, follow: bool| {
         let registry = Arc::clone(&registry);
         let (staging, resolved, store, reporter) = (&staging, &resolved, &store, &reporter);
         async move {
@@ -141,6 +141,7 @@ pub async fn fetch(
                 applier,
                 &plan.layers,
                 opts.jobs,
+                follow,
                 reporter,
                 cancel,
             )
@@ -152,13 +153,24 @@ pub async fn fetch(
             })
         }
     };
-    let unpacked = match unpack_into(plan.clone()).await {
-        Err(Error::SkippedLinkTarget { .. }) => {
-            reporter.info("a new store path hard-links into one the seed already has; unpacking the whole image");
-            staging.reset_rootfs()?;
-            unpack_into(SkipPlan::none(&resolved)).await?
+    // Each retry gives up something the first attempt could do, so at most
+    // two follow it.
+    let (mut attempt, mut follow) = (plan.clone(), true);
+    let unpacked = loop {
+        match unpack_into(attempt.clone(), follow).await {
+            Err(Error::SkippedLinkTarget { .. }) if attempt.skips_any() => {
+                reporter.info("a new store path hard-links into one the seed already has; unpacking the whole image");
+                attempt = SkipPlan::none(&resolved);
+            }
+            Err(Error::SourceReplaced { digest }) if follow => {
+                reporter.info(&format!(
+                    "blob {digest} was unpacked while a source sent bytes that then failed to verify; unpacking again from verified blobs"
+                ));
+                follow = false;
+            }
+            other => break other?,
         }
-        other => other?,
+        staging.reset_rootfs()?;
     };
     let merged = finish_output(
         &out,

@@ -81,6 +81,11 @@ impl SkipPlan {
         }
     }
 
+    /// Does the plan leave out any path or layer?
+    pub fn skips_any(&self) -> bool {
+        !self.paths.is_empty() || self.layers.contains(&true)
+    }
+
     /// The plan for unpacking `resolved` into `out` under `existing`.
     pub fn new(out: &OutputDir, existing: Existing, resolved: &ResolvedImage) -> Result<SkipPlan> {
         let Holding::State(state) = out.holding() else {

@@ -15,6 +15,8 @@ struct Upgrade {
     old: Pushed,
     new: Pushed,
     new_manifest: Pushed,
+    /// The store the new image was made from (its files are read-only).
+    new_store: nix::NixStore,
     shared: Vec<String>,
     new_only: Vec<String>,
     _work: tempfile::TempDir,
@@ -87,12 +89,13 @@ fn upgrade() -> Upgrade {
         );
         (index, manifest)
     };
-    let ((old, _), (new, new_manifest)) = (image(&old, "old"), image(&new, "new"));
+    let ((old, _), (new_image, new_manifest)) = (image(&old, "old"), image(&new, "new"));
     Upgrade {
         reg,
         old,
-        new,
+        new: new_image,
         new_manifest,
+        new_store: new,
         shared,
         new_only,
         _work: work,
@@ -201,6 +204,92 @@ fn merge_keeps_a_cached_build_and_adds_the_new_image_and_nix_store_agrees() {
             "nix-backup"
         ],
         "no staging folder left"
+    );
+}
+
+#[test]
+fn a_new_path_hard_linked_into_a_path_the_seed_has_is_merged_from_a_full_unpack() {
+    let u = upgrade();
+    let env = TestEnv::new();
+    assert_ok(&env.run(&["fetch", "--plain-http", &u.old.reference, "-q"]));
+    let seed = env.join("nix-backup");
+    // The new image as an optimised store has it: the new path's empty file
+    // is a hard link to the (identical) one in `base`, which the seed holds
+    // and a merge would skip.
+    let base = u.shared.iter().find(|p| p.ends_with("-base")).unwrap();
+    let fresh = u
+        .new_only
+        .iter()
+        .find(|p| p.ends_with("-new-only"))
+        .unwrap();
+    let (from, to) = (
+        format!("{fresh}/share/empty"),
+        format!("{base}/share/empty"),
+    );
+    let layers = nix::layers_linking(&u.new_store, Some((&from, &to)))
+        .iter()
+        .map(|t| layer(t, Comp::Gzip, Media::Docker))
+        .collect();
+    let linked = push(
+        &u.reg.addr,
+        "nixos/nix",
+        Some("linked"),
+        &Image::new(Media::Docker, layers),
+    );
+
+    let out = env.run(&[
+        "fetch",
+        "--plain-http",
+        &linked.reference,
+        "--merge",
+        "--json",
+    ]);
+    assert_ok(&out);
+    assert!(
+        crate::support::stderr(&out)
+            .contains("hard-links into one the seed already has; unpacking the whole image"),
+        "{}",
+        crate::support::stderr(&out)
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let added: Vec<String> = serde_json::from_value(summary["merge"]["added"].clone()).unwrap();
+    let mut want = u.new_only.clone();
+    want.sort();
+    assert_eq!(added, want);
+    let (ok, text) = nix::verify(&seed);
+    assert!(
+        ok,
+        "nix-store --verify --check-contents after the merge: {text}"
+    );
+
+    // The same from an archive, offline.
+    assert_ok(&env.run(&[
+        "pull",
+        "--plain-http",
+        &linked.reference,
+        "-o",
+        "linked.tar",
+        "-q",
+    ]));
+    assert_ok(&env.run(&[
+        "fetch",
+        "--plain-http",
+        &u.old.reference,
+        "-o",
+        "seed2",
+        "-q",
+    ]));
+    let out = env.run(&["extract", "linked.tar", "-o", "seed2", "--merge"]);
+    assert_ok(&out);
+    assert!(
+        crate::support::stderr(&out).contains("unpacking the whole image"),
+        "{}",
+        crate::support::stderr(&out)
+    );
+    let (ok, text) = nix::verify(&env.join("seed2"));
+    assert!(
+        ok,
+        "nix-store --verify --check-contents after extract --merge: {text}"
     );
 }
 

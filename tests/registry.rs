@@ -1104,6 +1104,64 @@ fn a_pull_through_mirror_is_tried_first_and_a_lying_one_is_skipped() {
 }
 
 #[test]
+fn a_lie_unpacked_while_it_downloads_is_thrown_away_and_the_image_unpacked_again() {
+    let origin = Registry::start();
+    let (img, layers) = nix_image(&origin.addr, "pub/nix", "v1", &[(1, 100_000), (2, 100_000)]);
+    // A store path of another image, in a layer of the very same size.
+    let (_, foreign) = nix_image(&origin.addr, "pub/nix", "other", &[(3, 100_000)]);
+    assert_eq!(foreign[1].bytes.len(), layers[2].bytes.len());
+    let mirror = Registry::start_with(&format!("proxy:\n  remoteurl: http://{}\n", origin.addr));
+    // The mirror serves the foreign layer for the image's last one, and
+    // pauses halfway, so hydrafy's decoder takes in part of the lie (and
+    // writes its files to staging) before the digest can be checked.
+    let (lied, instead) = (layers[2].digest.clone(), foreign[1].digest.clone());
+    let half = layers[2].bytes.len() as u64 / 2;
+    let at_mirror = Proxy::start("127.0.0.1", &mirror.addr, move |r| {
+        if r.path.ends_with(&lied) {
+            Action::ForwardPausing(
+                format!("/v2/pub/nix/blobs/{instead}"),
+                half,
+                Duration::from_millis(800),
+            )
+        } else {
+            Action::Pass
+        }
+    });
+    let env = TestEnv::new();
+    let reference = format!("{}/pub/nix@{}", origin.addr, img.digest);
+    let mirror_arg = format!("{}=http://{}", origin.addr, at_mirror.addr);
+    let out = run(
+        &env,
+        &[
+            "fetch",
+            "--plain-http",
+            "--mirror",
+            &mirror_arg,
+            &reference,
+            "-o",
+            "out",
+        ],
+    );
+    assert_ok(&out);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("blob {}: content hashes to", layers[2].digest))
+            && err.contains("unpacking again from verified blobs"),
+        "{err}"
+    );
+    let mut store: Vec<String> = std::fs::read_dir(env.join("out/nix/store"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    store.sort();
+    assert_eq!(
+        store,
+        [format!("{:032}-p", 1), format!("{:032}-p", 2)],
+        "only the image's store paths, none of the lie's"
+    );
+}
+
+#[test]
 fn a_mirror_serving_another_image_for_the_pinned_digest_is_skipped() {
     let origin = Registry::start();
     let (img, _) = nix_image(&origin.addr, "pub/nix", "v1", &[(1, 1000)]);

@@ -187,11 +187,23 @@ pub fn verify(root: &Path) -> (bool, String) {
 /// The tar layers of a Nix-layered image of `store`: one per store path
 /// (absolute `/nix/store/...` names), then one with the database.
 pub fn layers(store: &NixStore) -> Vec<Vec<u8>> {
+    layers_linking(store, None)
+}
+
+/// As [`layers`], but with the file `link.0` stored as a hard link to
+/// `link.1` (absolute names of two identical files), as the image of a
+/// store that `nix-store --optimise` deduplicated has it.
+pub fn layers_linking(store: &NixStore, link: Option<(&str, &str)>) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for p in &store.paths {
         let mut t = Tar::new();
         t.dir("/nix", 0o755).dir("/nix/store", 0o755);
-        add_tree(&mut t, &store.root, Path::new(p.trim_start_matches('/')));
+        add_tree(
+            &mut t,
+            &store.root,
+            Path::new(p.trim_start_matches('/')),
+            link,
+        );
         out.push(t.finish());
     }
     let mut t = Tar::new();
@@ -206,13 +218,17 @@ pub fn layers(store: &NixStore) -> Vec<Vec<u8>> {
     out
 }
 
-fn add_tree(t: &mut Tar, root: &Path, rel: &Path) {
+fn add_tree(t: &mut Tar, root: &Path, rel: &Path, link: Option<(&str, &str)>) {
     let path = root.join(rel);
     let meta = std::fs::symlink_metadata(&path).unwrap();
     let name = format!("/{}", rel.display());
     t.mtime = meta.mtime() as u64;
     let mode = meta.mode() & 0o7777;
-    if meta.file_type().is_symlink() {
+    if let Some((from, to)) = link
+        && from == name
+    {
+        t.hardlink(&name, to);
+    } else if meta.file_type().is_symlink() {
         let target = std::fs::read_link(&path).unwrap();
         t.symlink(&name, &target.to_string_lossy());
     } else if meta.is_dir() {
@@ -223,7 +239,7 @@ fn add_tree(t: &mut Tar, root: &Path, rel: &Path) {
             .collect();
         kids.sort();
         for k in kids {
-            add_tree(t, root, &rel.join(k));
+            add_tree(t, root, &rel.join(k), link);
         }
     } else {
         t.file(&name, &std::fs::read(&path).unwrap(), mode);

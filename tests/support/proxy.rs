@@ -63,6 +63,9 @@ pub enum Action {
     Drop,
     /// Relay this many body bytes, then pause this long, then relay the rest.
     PauseAfter(u64, Duration),
+    /// Forward this path instead, and pause as `PauseAfter` does (a lie that
+    /// a reader has taken in part before the lie can be seen).
+    ForwardPausing(String, u64, Duration),
 }
 
 /// One logged exchange.
@@ -237,7 +240,7 @@ fn serve(
     }
     let mut up = TcpStream::connect(upstream)?;
     let up_path = match &action {
-        Action::Forward(p) => p.clone(),
+        Action::Forward(p) | Action::ForwardPausing(p, ..) => p.clone(),
         _ => path.clone(),
     };
     let mut req = format!("{method} {up_path} HTTP/1.1\r\n");
@@ -286,7 +289,7 @@ fn serve(
     let mut corrupted = false;
     let mut paused = false;
     loop {
-        if let Action::PauseAfter(n, pause) = &action
+        if let Action::PauseAfter(n, pause) | Action::ForwardPausing(_, n, pause) = &action
             && !paused
             && sent >= *n
         {
@@ -295,7 +298,9 @@ fn serve(
             std::thread::sleep(*pause);
         }
         let want = match (limit, &action) {
-            (_, Action::PauseAfter(n, _)) if !paused => buf.len().min((n - sent) as usize).max(1),
+            (_, Action::PauseAfter(n, _) | Action::ForwardPausing(_, n, _)) if !paused => {
+                buf.len().min((n - sent) as usize).max(1)
+            }
             _ => match limit {
                 Some(n) if sent >= n => break,
                 Some(n) => buf.len().min((n - sent) as usize),
