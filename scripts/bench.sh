@@ -122,6 +122,8 @@ results=$work/results.tsv
 # big `rm -rf` several times slower. Runs therefore never delete: every run
 # writes a fresh directory, and the outputs of an image are removed only after
 # its last run, followed by a sync and a pause before the next image.
+# (Each tool runs once untimed first, and the timed rounds rotate which tool
+# goes first, so no tool always meets a cold registry or a busy disk.)
 run_one() { # image tool run
     local img=$1 tool=$2 run=$3 out=$work/out/$1-$2-$3
     mkdir -p "$out"; sync
@@ -136,14 +138,19 @@ run_one() { # image tool run
             cmd=(sh -c "$script") ;;
     esac
     /usr/bin/time -f "%e %M" -o "$work/time" "${cmd[@]}" >/dev/null 2>"$work/stderr" || { cat "$work/stderr" >&2; echo "$tool failed on $img" >&2; exit 1; }
-    printf '%s\t%s\t%s\n' "$img" "$tool" "$(cat "$work/time")" | tr ' ' '\t' >> "$results"
+    printf '%s\t%s\t%s\t%s\n' "$img" "$tool" "$(cat "$work/time" | tr ' ' '\t')" "$run" >> "$results"
 }
 
 for img in ${images//,/ }; do
     echo "letting ext4 forget recent deletions" >&2; sync; sleep 65
+    # One untimed round first (the registry's files into the page cache),
+    # then the timed rounds, each starting with the next tool in turn.
+    tools=(hydrafy skopeo+umoci curl+tar)
+    for tool in "${tools[@]}"; do run_one "$img" "$tool" warmup; done
+    sed -i '/\twarmup$/d' "$results"
     for r in $(seq "$runs"); do
-        for tool in hydrafy skopeo+umoci curl+tar; do
-            run_one "$img" "$tool" "$r"
+        for k in 0 1 2; do
+            run_one "$img" "${tools[$(( (r + k) % 3 ))]}" "$r"
         done
         echo "$img run $r/$runs done" >&2
     done
@@ -154,7 +161,7 @@ python3 - "$results" "$(nproc)" "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo 
 import collections, statistics, sys
 rows = [l.split("\t") for l in open(sys.argv[1]).read().split("\n") if l]
 t = collections.defaultdict(list); m = collections.defaultdict(list)
-for img, tool, secs, kb in rows:
+for img, tool, secs, kb, _run in rows:
     t[img, tool].append(float(secs)); m[img, tool].append(int(kb))
 imgs = list(dict.fromkeys(r[0] for r in rows))
 print(f"machine: {sys.argv[2]} cores, {sys.argv[3]}; {len(t[imgs[0], 'hydrafy'])} alternating runs per tool")
