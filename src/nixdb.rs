@@ -182,7 +182,8 @@ pub fn check_schema(root: &Path) -> Result<u32> {
 /// `-shm` files beside it; a read-only connection creates them and cannot
 /// remove them. So the database is opened read-write when we may (only ever
 /// to read: the last connection to close then removes those files and leaves
-/// the folder as it found it), and read-only otherwise.
+/// the folder's contents as it found them; its mtime moves, as it does when
+/// Nix reads), and read-only otherwise.
 pub fn open_for_reading(root: &Path) -> Result<Connection> {
     let path = db_file(root);
     if !path.is_file() {

@@ -14,7 +14,7 @@ use hydrafy::progress::Recorder;
 use rustix::fs::FlockOperation;
 
 use crate::support::nix::{add, instantiate, nix_verify, query};
-use crate::support::{TestEnv, fingerprint};
+use crate::support::{TestEnv, seed_fingerprint};
 
 /// Two stores made by Nix that share one path: a seed (`A`, with a cached
 /// build added by `nix-store --add`) and an unpacked image (`B`).
@@ -138,7 +138,7 @@ fn a_path_whose_hash_differs_is_an_error_that_changes_nothing() {
     )
     .unwrap();
     drop(conn);
-    let before = fingerprint(&p.seed());
+    let before = seed_fingerprint(&p.seed());
     let err = Merge::plan(&p.seed(), &p.image(), &Recorder::default())
         .err()
         .expect("a disagreement is refused")
@@ -148,7 +148,7 @@ fn a_path_whose_hash_differs_is_an_error_that_changes_nothing() {
         err.contains("disagree") && err.contains("nothing was changed"),
         "{err}"
     );
-    assert_eq!(fingerprint(&p.seed()), before);
+    assert_eq!(seed_fingerprint(&p.seed()), before);
 }
 
 #[test]

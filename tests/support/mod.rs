@@ -126,6 +126,19 @@ pub fn fingerprint(root: &Path) -> BTreeMap<PathBuf, String> {
     out
 }
 
+/// [`fingerprint`] of a Nix root, but for the mtime of its database folder:
+/// reading a WAL-mode database (as Nix and hydrafy do) creates and removes
+/// its `-wal`/`-shm` files, which moves that one time. Every file, mode and
+/// content must still be as it was.
+pub fn seed_fingerprint(root: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = fingerprint(root);
+    if let Some(db) = out.get_mut(Path::new("nix/var/nix/db")) {
+        let mode = db.rsplit_once(' ').map(|(kept, _)| kept.to_string());
+        *db = mode.unwrap_or_default();
+    }
+    out
+}
+
 fn walk(root: &Path, path: &Path, out: &mut BTreeMap<PathBuf, String>) {
     let meta = std::fs::symlink_metadata(path).expect("stat");
     let rel = path.strip_prefix(root).unwrap().to_path_buf();
