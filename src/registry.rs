@@ -1027,12 +1027,21 @@ fn rate_limit_figures(headers: &HeaderMap) -> String {
 }
 
 fn transient(e: &reqwest::Error) -> bool {
-    e.is_connect() || e.is_timeout() || e.is_request() || e.is_body()
+    (e.is_connect() || e.is_timeout() || e.is_request() || e.is_body()) && !proxy_refused(e)
+}
+
+/// The proxy answered the tunnel request with 407: asking again will not help.
+fn proxy_refused(e: &reqwest::Error) -> bool {
+    crate::error::report(e)
+        .to_ascii_lowercase()
+        .contains("proxy authorization required")
 }
 
 fn connect_hint(e: &reqwest::Error) -> &'static str {
     let chain = crate::error::report(e).to_ascii_lowercase();
-    if chain.contains("certificate") || chain.contains("unknownissuer") {
+    if proxy_refused(e) {
+        "the proxy wants credentials; put them in its URL: HTTPS_PROXY=http://USER:PASSWORD@HOST:PORT"
+    } else if chain.contains("certificate") || chain.contains("unknownissuer") {
         "the registry's TLS certificate is not trusted; for a private CA pass --ca-cert PEM"
     } else if chain.contains("http2")
         || chain.contains("invalid http version")

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 
 use crate::support::image::{Blob, Comp, Image, Media, Pushed, Tar, layer, push};
-use crate::support::proxy::{Action, Proxy, Request, Seen};
+use crate::support::proxy::{Action, Proxy, Request, Seen, Tunnel};
 use crate::support::registry::Registry;
 use crate::support::tls::Pki;
 use crate::support::token::{Issuer, Policy, SERVICE};
@@ -1236,6 +1236,68 @@ fn a_registry_with_a_private_ca_needs_ca_cert_and_http_needs_plain_http() {
 }
 
 // ------------------------------------------------------ proxies from the env
+
+#[test]
+fn https_proxy_tunnels_with_connect_and_sends_the_proxy_credentials_from_its_url() {
+    let plain = Registry::start();
+    let (img, _) = nix_image(&plain.addr, "pub/nix", "v1", &[(1, 1000)]);
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(pki_dir.path());
+    let tls = Registry::start_sharing(&pki.registry_config(), &plain);
+    let tunnel = Tunnel::start(true);
+    let env = TestEnv::new();
+    let reference = format!("{}/pub/nix@{}", tls.addr, img.digest);
+    let ca = pki.ca_pem.display().to_string();
+    let fetch = |proxy: &str, out: &str| {
+        hydrafy(&env)
+            .env("HTTPS_PROXY", proxy)
+            .args([
+                "fetch",
+                "--ca-cert",
+                &ca,
+                "--no-cache",
+                "-q",
+                &reference,
+                "-o",
+                out,
+            ])
+            .output()
+            .unwrap()
+    };
+
+    // The proxy wants credentials: without them, a clear failure.
+    let out = fetch(&format!("http://{}", tunnel.addr), "refused");
+    assert_fails(
+        &out,
+        1,
+        &[
+            &tls.addr,
+            "proxy wants credentials",
+            "HTTPS_PROXY=http://USER:PASSWORD@",
+        ],
+    );
+    assert!(!env.join("refused").exists());
+    assert_eq!(tunnel.connects().len(), 1, "a 407 is final, not retried");
+
+    let out = fetch(&format!("http://build:s3cret@{}", tunnel.addr), "out");
+    assert_ok(&out);
+    assert!(env.join("out/nix/store").is_dir());
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("build:s3cret")
+    );
+    let connects = tunnel.connects();
+    assert!(
+        connects
+            .iter()
+            .any(|(t, a)| t == &format!("CONNECT {}", tls.addr) && a.as_deref() == Some(&basic)),
+        "{connects:?}"
+    );
+    assert!(
+        connects.iter().all(|(t, _)| t.starts_with("CONNECT ")),
+        "TLS requests only ever go through a tunnel: {connects:?}"
+    );
+}
 
 #[test]
 fn http_proxy_from_the_environment_carries_the_requests_and_no_proxy_bypasses_it() {

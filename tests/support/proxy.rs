@@ -329,3 +329,83 @@ fn serve(
     }
     Ok(())
 }
+
+/// A forward proxy for `https://` URLs, as corporate networks run them: the
+/// client asks `CONNECT host:port`, the tunnel answers 200 and relays the
+/// (encrypted) bytes both ways. It logs each CONNECT target with the
+/// Proxy-Authorization header it carried, and refuses with 407 when it
+/// wants credentials and got none.
+pub struct Tunnel {
+    pub addr: String,
+    /// (target, Proxy-Authorization) per CONNECT.
+    connects: Arc<ConnectLog>,
+}
+
+impl Tunnel {
+    pub fn start(require_auth: bool) -> Tunnel {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind tunnel");
+        let addr = listener.local_addr().unwrap().to_string();
+        let connects = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&connects);
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    let _ = tunnel(conn, &log, require_auth);
+                });
+            }
+        });
+        Tunnel { addr, connects }
+    }
+
+    pub fn connects(&self) -> Vec<(String, Option<String>)> {
+        self.connects.lock().unwrap().clone()
+    }
+}
+
+type ConnectLog = Mutex<Vec<(String, Option<String>)>>;
+
+fn tunnel(client: TcpStream, log: &ConnectLog, require_auth: bool) -> std::io::Result<()> {
+    let mut reader = BufReader::new(client.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let mut auth = None;
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':')
+            && k.eq_ignore_ascii_case("proxy-authorization")
+        {
+            auth = Some(v.trim().to_string());
+        }
+    }
+    log.lock()
+        .unwrap()
+        .push((format!("{method} {target}"), auth.clone()));
+    let mut client = client;
+    if method != "CONNECT" {
+        return client.write_all(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n");
+    }
+    if require_auth && auth.is_none() {
+        return client.write_all(
+            b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"proxy\"\r\nContent-Length: 0\r\n\r\n",
+        );
+    }
+    let mut upstream = TcpStream::connect(target)?;
+    client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")?;
+    // Bytes the client sent after the head are already in the reader's buffer.
+    upstream.write_all(reader.buffer())?;
+    let (mut up_read, mut client_write) = (upstream.try_clone()?, client.try_clone()?);
+    let back = std::thread::spawn(move || std::io::copy(&mut up_read, &mut client_write));
+    let _ = std::io::copy(&mut reader, &mut upstream);
+    let _ = upstream.shutdown(std::net::Shutdown::Write);
+    let _ = back.join();
+    Ok(())
+}
