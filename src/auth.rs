@@ -7,7 +7,9 @@
 //! anonymously or with the user's credentials as HTTP Basic, and gets back
 //! `{"token": "...", "expires_in": 300}`. The token is opaque to the client:
 //! how long it lasts comes from `expires_in` (60 seconds when absent, as the
-//! spec says), never from peeking into it.
+//! spec says), never from peeking into it. With an identity token instead of
+//! a password, the client POSTs an OAuth2 refresh-token form to the same
+//! realm and gets `{"access_token": ..., "expires_in": ...}` back.
 //!
 //! hydrafy once had oci-client do this handshake, but its `Client::auth`
 //! returns the token alone: `expires_in` is dropped (so a long pull could only
@@ -161,14 +163,37 @@ fn margin(lifetime: Duration) -> Duration {
     (lifetime / 10).min(MAX_MARGIN)
 }
 
-/// `Authorization: Basic ...` for credentials.
-pub fn basic_header(c: &Credentials) -> String {
+/// `Authorization: Basic ...` for a username and password; `None` for an
+/// identity token, which only a token service takes (see [`refresh_form`]).
+pub fn basic_header(c: &Credentials) -> Option<String> {
     use base64::Engine as _;
-    let raw = format!("{}:{}", c.username, c.password);
-    format!(
+    let Credentials::Password { username, password } = c else {
+        return None;
+    };
+    let raw = format!("{username}:{password}");
+    Some(format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(raw)
-    )
+    ))
+}
+
+/// The OAuth2 form that trades an identity token for an access token
+/// (the distribution spec's `grant_type=refresh_token`, as docker sends it).
+pub fn refresh_form<'a>(
+    refresh_token: &'a str,
+    service: Option<&'a str>,
+    scope: &'a str,
+) -> Vec<(&'static str, &'a str)> {
+    let mut form = vec![
+        ("grant_type", "refresh_token"),
+        ("refresh_token", refresh_token),
+        ("client_id", "hydrafy"),
+        ("scope", scope),
+    ];
+    if let Some(s) = service {
+        form.push(("service", s));
+    }
+    form
 }
 
 #[cfg(test)]

@@ -6,22 +6,46 @@
 //! the helper protocol are handled by the `docker_credential` crate; this
 //! module maps docker.io to the key docker uses for it and turns the crate's
 //! outcomes into "credentials", "none" or a warning worth showing.
+//!
+//! Credentials are a username and password (or access token), or an
+//! identity token: the OAuth2 refresh token that `docker login` stores as
+//! `identitytoken` (or a helper returns as user `<token>`) for registries
+//! whose token service speaks OAuth2, such as Azure Container Registry.
 
 use docker_credential::{CredentialRetrievalError, DockerCredential};
 
-/// A username and password (or token) for one registry.
+/// What docker's config holds for one registry.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
+pub enum Credentials {
+    /// Sent as HTTP Basic, to a token service or to the registry itself.
+    Password { username: String, password: String },
+    /// An OAuth2 refresh token, exchanged at the token service for access
+    /// tokens (a form POST with `grant_type=refresh_token`).
+    IdentityToken(String),
+}
+
+impl Credentials {
+    /// Who, for messages: the username, or that it is an identity token.
+    pub fn who(&self) -> String {
+        match self {
+            Credentials::Password { username, .. } => {
+                format!("user {}", crate::error::sanitize(username))
+            }
+            Credentials::IdentityToken(_) => "an identity token".to_string(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("username", &self.username)
-            .field("password", &"<redacted>")
-            .finish()
+        match self {
+            Credentials::Password { username, .. } => f
+                .debug_struct("Password")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
+            Credentials::IdentityToken(_) => f.write_str("IdentityToken(<redacted>)"),
+        }
     }
 }
 
@@ -47,12 +71,9 @@ pub fn lookup(registry: &str) -> Result<Option<Credentials>, String> {
     };
     match docker_credential::get_credential(server) {
         Ok(DockerCredential::UsernamePassword(username, password)) => {
-            Ok(Some(Credentials { username, password }))
+            Ok(Some(Credentials::Password { username, password }))
         }
-        Ok(DockerCredential::IdentityToken(_)) => Err(format!(
-            "credentials for {registry} are an identity token, which hydrafy cannot use; \
-             run `docker login {registry}` with a username and password or access token"
-        )),
+        Ok(DockerCredential::IdentityToken(token)) => Ok(Some(Credentials::IdentityToken(token))),
         Err(
             CredentialRetrievalError::ConfigNotFound
             | CredentialRetrievalError::NoCredentialConfigured,
@@ -101,10 +122,12 @@ mod tests {
 
     #[test]
     fn debug_output_never_shows_the_password() {
-        let c = Credentials {
+        let c = Credentials::Password {
             username: "u".into(),
             password: "hunter2".into(),
         };
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let c = Credentials::IdentityToken("hunter2".into());
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 }

@@ -774,10 +774,10 @@ impl Registry {
         let creds = ep.credentials.get().cloned().flatten();
         let who = match &creds {
             Some(c) => format!(
-                "the credentials for {} (user {}) from docker's config.json were refused or do not allow pulling it; \
+                "the credentials for {} ({}) from docker's config.json were refused or do not allow pulling it; \
                  check them with `docker login {}`",
                 ep.credentials_key,
-                crate::error::sanitize(&c.username),
+                c.who(),
                 ep.credentials_key
             ),
             None => format!(
@@ -838,13 +838,20 @@ impl Registry {
                 *ep.challenge.lock().await = Some(challenge);
                 Ok(true)
             }
-            Challenge::Basic | Challenge::Other => match self.credentials(ep).await {
-                Some(c) if sent.is_none() => {
-                    *auth = Auth::Basic(auth::basic_header(&c));
-                    Ok(true)
+            Challenge::Basic | Challenge::Other => {
+                match self
+                    .credentials(ep)
+                    .await
+                    .as_ref()
+                    .and_then(auth::basic_header)
+                {
+                    Some(header) if sent.is_none() => {
+                        *auth = Auth::Basic(header);
+                        Ok(true)
+                    }
+                    _ => Ok(false),
                 }
-                _ => Ok(false),
-            },
+            }
         }
     }
 
@@ -896,21 +903,30 @@ impl Registry {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut url = realm_url.clone();
-            {
-                let mut q = url.query_pairs_mut();
-                q.append_pair("scope", &scope);
-                if let Some(s) = service {
-                    q.append_pair("service", s);
+            let req = match &creds {
+                Some(Credentials::IdentityToken(refresh)) => self
+                    .http
+                    .post(realm_url.clone())
+                    .form(&auth::refresh_form(refresh, service, &scope)),
+                creds => {
+                    let mut url = realm_url.clone();
+                    {
+                        let mut q = url.query_pairs_mut();
+                        q.append_pair("scope", &scope);
+                        if let Some(s) = service {
+                            q.append_pair("service", s);
+                        }
+                        if let Some(Credentials::Password { username, .. }) = creds {
+                            q.append_pair("account", username);
+                        }
+                    }
+                    let req = self.http.get(url);
+                    match creds.as_ref().and_then(auth::basic_header) {
+                        Some(basic) => req.header(AUTHORIZATION, basic),
+                        None => req,
+                    }
                 }
-                if let Some(c) = &creds {
-                    q.append_pair("account", &c.username);
-                }
-            }
-            let mut req = self.http.get(url);
-            if let Some(c) = &creds {
-                req = req.header(AUTHORIZATION, auth::basic_header(c));
-            }
+            };
             let resp = match req.send().await {
                 Ok(r) => r,
                 Err(e) if attempt < self.opts.attempts && transient(&e) => {
@@ -934,11 +950,15 @@ impl Registry {
             if !status.is_success() {
                 let excerpt: String = String::from_utf8_lossy(&body).chars().take(300).collect();
                 let reason = match (&creds, status) {
-                    (Some(c), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => format!(
-                        "refused the credentials for {} (user {}) from docker's config.json ({status}); \
+                    // OAuth2 answers a bad refresh token with 400 invalid_grant.
+                    (
+                        Some(c),
+                        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::BAD_REQUEST,
+                    ) => format!(
+                        "refused the credentials for {} ({}) from docker's config.json ({status}); \
                          check them with `docker login {}`",
                         ep.credentials_key,
-                        crate::error::sanitize(&c.username),
+                        c.who(),
                         ep.credentials_key
                     ),
                     _ => format!("refused a pull token ({status})"),

@@ -127,6 +127,7 @@ fn token_auth_gets_a_pull_token_anonymously_and_renews_it_before_it_expires() {
     let issuer = Issuer::start(Policy {
         public: vec!["pub/nix".into()],
         user: None,
+        refresh_token: None,
         expires_in: 2,
         valid_for: 4,
     });
@@ -209,6 +210,7 @@ fn a_token_the_registry_stops_accepting_early_is_replaced_on_its_401() {
     let issuer = Issuer::start(Policy {
         public: vec!["pub/nix".into()],
         user: None,
+        refresh_token: None,
         expires_in: 300,
         valid_for: 2,
     });
@@ -248,12 +250,81 @@ fn a_token_the_registry_stops_accepting_early_is_replaced_on_its_401() {
 }
 
 #[test]
+fn an_identity_token_from_config_json_is_traded_for_pull_tokens_with_oauth() {
+    let plain = Registry::start();
+    let (img, _) = nix_image(&plain.addr, "private/nix", "v1", &[(1, 1000)]);
+    let issuer = Issuer::start(Policy {
+        public: vec![],
+        user: None,
+        refresh_token: Some("rt-0123456789".into()),
+        expires_in: 60,
+        valid_for: 60,
+    });
+    let reg = token_registry(&issuer, &plain);
+    let proxy = Proxy::start("127.0.0.1", &reg.addr, |_| Action::Pass);
+    let reference = format!("{}/private/nix@{}", proxy.addr, img.digest);
+    let env = TestEnv::new();
+
+    // A stale identity token: OAuth2's 400 invalid_grant, said plainly.
+    write_docker_config(
+        &env,
+        serde_json::json!({"auths": {proxy.addr.clone(): {"identitytoken": "rt-revoked"}}}),
+    );
+    let out = run(&env, &["fetch", "--plain-http", &reference, "-o", "out"]);
+    assert_fails(
+        &out,
+        1,
+        &[
+            "refused the credentials",
+            "an identity token",
+            "docker login",
+        ],
+    );
+    assert!(
+        !stderr(&out).contains("rt-revoked"),
+        "the token is never shown"
+    );
+    assert!(!env.join("out").exists());
+
+    // `docker login` against an OAuth2 token service stores this.
+    write_docker_config(
+        &env,
+        serde_json::json!({"auths": {proxy.addr.clone(): {"identitytoken": "rt-0123456789"}}}),
+    );
+    assert_ok(&run(
+        &env,
+        &["fetch", "--plain-http", "-q", &reference, "-o", "out"],
+    ));
+    let last = issuer.requests().pop().unwrap();
+    assert_eq!(last.method, "POST");
+    assert!(
+        last.query.contains("grant_type=refresh_token")
+            && last.query.contains("refresh_token=rt-0123456789")
+            && last
+                .query
+                .contains("scope=repository%3Aprivate%2Fnix%3Apull"),
+        "{}",
+        last.query
+    );
+    assert_eq!(last.granted, ["repository:private/nix:pull"]);
+    for s in proxy.seen_settled() {
+        let auth = s.request.header("authorization").unwrap_or("");
+        assert!(
+            auth.is_empty() || auth.starts_with("Bearer "),
+            "only access tokens go to the registry: {}",
+            s.request.path
+        );
+    }
+}
+
+#[test]
 fn token_auth_sends_config_json_credentials_to_the_realm_and_never_to_the_registry() {
     let plain = Registry::start();
     let (img, _) = nix_image(&plain.addr, "private/nix", "v1", &[(1, 1000)]);
     let issuer = Issuer::start(Policy {
         public: vec![],
         user: Some(("hydrafy".into(), "s3cret".into())),
+        refresh_token: None,
         expires_in: 60,
         valid_for: 60,
     });
@@ -447,6 +518,7 @@ fn blob_redirects_to_a_cdn_are_followed_without_the_registrys_authorization() {
     let issuer = Issuer::start(Policy {
         public: vec!["pub/nix".into()],
         user: None,
+        refresh_token: None,
         expires_in: 60,
         valid_for: 60,
     });

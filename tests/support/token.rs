@@ -1,6 +1,8 @@
 //! A token issuer as Docker Hub's auth.docker.io runs it, for a real
 //! registry started with `auth: token`: it answers `GET /token?service=..&scope=..`
-//! (anonymously, or with HTTP Basic credentials) with an ES256 JWT whose
+//! (anonymously, or with HTTP Basic credentials), and the OAuth2 form
+//! `POST /token` with `grant_type=refresh_token` (an identity token), with
+//! an ES256 JWT whose
 //! header carries the signing certificate (`x5c`), signed by a CA the
 //! registry trusts through `rootcertbundle`. The registry checks `iss`,
 //! `aud` (one string), `exp`, `nbf`, the signature and the `access` claim.
@@ -30,6 +32,9 @@ pub struct Policy {
     pub public: Vec<String>,
     /// `user:password` that may pull every repository.
     pub user: Option<(String, String)>,
+    /// An OAuth2 refresh token (docker's `identitytoken`) that may pull
+    /// every repository.
+    pub refresh_token: Option<String>,
     /// `expires_in` in the answer: how long the client may use the token.
     pub expires_in: u64,
     /// How long the registry accepts the token (its `exp`, leeway included).
@@ -39,6 +44,8 @@ pub struct Policy {
 /// One request to the issuer.
 #[derive(Clone, Debug)]
 pub struct TokenRequest {
+    pub method: String,
+    /// The query of a GET, the form body of a POST.
     pub query: String,
     /// The Basic user, when credentials were sent.
     pub user: Option<String>,
@@ -149,14 +156,21 @@ fn answer(
     let mut conn = conn;
     let mut line = String::new();
     reader.read_line(&mut line)?;
+    let method = line.split_whitespace().next().unwrap_or("").to_string();
     let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
     let mut basic = None;
+    let mut length = 0usize;
     loop {
         let mut h = String::new();
         reader.read_line(&mut h)?;
         let h = h.trim_end();
         if h.is_empty() {
             break;
+        }
+        if let Some((k, v)) = h.split_once(':')
+            && k.trim().eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().unwrap_or(0);
         }
         if let Some((k, v)) = h.split_once(':')
             && k.trim().eq_ignore_ascii_case("authorization")
@@ -168,7 +182,13 @@ fn answer(
                 .map(|b| String::from_utf8_lossy(&b).into_owned());
         }
     }
-    let query = target.split_once('?').map_or("", |(_, q)| q).to_string();
+    let query = if method == "POST" {
+        let mut body = vec![0u8; length.min(1 << 16)];
+        std::io::Read::read_exact(&mut reader, &mut body)?;
+        String::from_utf8_lossy(&body).into_owned()
+    } else {
+        target.split_once('?').map_or("", |(_, q)| q).to_string()
+    };
     let params: Vec<(String, String)> = query
         .split('&')
         .filter_map(|kv| kv.split_once('='))
@@ -180,13 +200,37 @@ fn answer(
             .find(|(key, _)| key == k)
             .map(|(_, v)| v.clone())
     };
-    let user = basic
-        .as_ref()
-        .map(|b| b.split_once(':').map_or(b.as_str(), |(u, _)| u).to_string());
-    let authenticated = match (&basic, &policy.user) {
-        (None, _) => Some(false),
-        (Some(b), Some((u, p))) if *b == format!("{u}:{p}") => Some(true),
-        (Some(_), _) => None,
+    let refresh = (method == "POST" && get("grant_type").as_deref() == Some("refresh_token"))
+        .then(|| get("refresh_token").unwrap_or_default());
+    let user = match &refresh {
+        Some(_) => Some("<identity token>".to_string()),
+        None => basic
+            .as_ref()
+            .map(|b| b.split_once(':').map_or(b.as_str(), |(u, _)| u).to_string()),
+    };
+    if let Some(token) = &refresh
+        && policy.refresh_token.as_ref() != Some(token)
+    {
+        let body = r#"{"error":"invalid_grant"}"#;
+        write!(
+            conn,
+            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        log.lock().unwrap().push(TokenRequest {
+            method,
+            query,
+            user,
+            status: 400,
+            granted: Vec::new(),
+        });
+        return Ok(());
+    }
+    let authenticated = match (&refresh, &basic, &policy.user) {
+        (Some(_), _, _) => Some(true),
+        (None, None, _) => Some(false),
+        (None, Some(b), Some((u, p))) if *b == format!("{u}:{p}") => Some(true),
+        (None, Some(_), _) => None,
     };
     let Some(authenticated) = authenticated else {
         let body = r#"{"details":"incorrect username or password"}"#;
@@ -196,6 +240,7 @@ fn answer(
             body.len()
         )?;
         log.lock().unwrap().push(TokenRequest {
+            method,
             query,
             user,
             status: 401,
@@ -255,6 +300,7 @@ fn answer(
         body.len()
     )?;
     log.lock().unwrap().push(TokenRequest {
+        method,
         query,
         user,
         status: 200,
