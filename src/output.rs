@@ -183,6 +183,12 @@ impl OutputDir {
     }
 
     /// What DIR holds.
+    /// Does DIR hold a Nix store and its database (whoever wrote them)?
+    pub fn holds_nix_seed(&self) -> bool {
+        self.dir.join(crate::nixdb::STORE_DIR).is_dir()
+            && crate::nixdb::db_file(&self.dir).is_file()
+    }
+
     pub fn holding(&self) -> &Holding {
         &self.holding
     }
@@ -198,13 +204,19 @@ impl OutputDir {
             (Holding::Nothing, _) | (_, Existing::Replace) => return Ok(()),
             (Holding::State(s), Existing::Refuse) => s.describe(),
             (Holding::Foreign, Existing::Refuse) => "files hydrafy did not write".to_string(),
+            // A seed made another way (the docker-cp recipe) is a Nix store
+            // and database like any other: the merge keeps all of it.
+            (Holding::Foreign, Existing::Merge) if self.holds_nix_seed() => return Ok(()),
             (Holding::Foreign, Existing::Merge) => {
                 return Err(Error::Output {
                     dir: self.dir.clone(),
-                    reason:
-                        "holds files hydrafy did not write, so there is nothing to merge into; \
-                             use --replace to swap in {what}"
-                            .replace("{what}", what),
+                    reason: format!(
+                        "holds files hydrafy did not write and no Nix store with its database \
+                         ({} and {}/db.sqlite), so there is nothing to merge into; \
+                         use --replace to swap in {what}",
+                        crate::nixdb::STORE_DIR,
+                        crate::nixdb::DB_DIR
+                    ),
                 });
             }
             (Holding::State(_), Existing::Merge) => return Ok(()),

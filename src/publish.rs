@@ -88,14 +88,16 @@ impl SkipPlan {
 
     /// The plan for unpacking `resolved` into `out` under `existing`.
     pub fn new(out: &OutputDir, existing: Existing, resolved: &ResolvedImage) -> Result<SkipPlan> {
-        let Holding::State(state) = out.holding() else {
-            return Ok(SkipPlan::none(resolved));
-        };
         if existing != Existing::Merge {
             return Ok(SkipPlan::none(resolved));
         }
+        let known = match out.holding() {
+            Holding::State(state) => state.store_layers(),
+            // A seed hydrafy did not write: no layer is known to be skippable.
+            Holding::Foreign if out.holds_nix_seed() => HashMap::new(),
+            Holding::Foreign | Holding::Nothing => return Ok(SkipPlan::none(resolved)),
+        };
         let paths = present_store_paths(out)?;
-        let known = state.store_layers();
         let layers = resolved
             .config
             .rootfs
@@ -176,9 +178,12 @@ pub fn finish_output(
     if cancel.is_cancelled() {
         return Err(Error::Interrupted);
     }
-    let Holding::State(state) = out.holding() else {
-        unreachable!("SkipPlan::new() merges only into a DIR that holds a state");
-    };
+    if !matches!(out.holding(), Holding::State(_)) {
+        reporter.info(&format!(
+            "{} was not written by hydrafy; merging into its Nix store and database, keeping all of both",
+            out.dir().display()
+        ));
+    }
     let mut merge = Merge::plan(out.dir(), &staging.rootfs(), reporter)?;
     reporter.info(&format!(
         "merging {}: {} new store paths ({:.1} MB), {} already in {}",
@@ -195,8 +200,15 @@ pub fn finish_output(
     // unregistered, which Nix ignores. Then one transaction registers them.
     merge.install()?;
     let summary = merge.commit()?;
-    let mut state = state.clone();
-    state.images.push(record);
+    let state = match out.holding() {
+        Holding::State(state) => {
+            let mut state = state.clone();
+            state.images.push(record);
+            state
+        }
+        // From now on DIR is a seed hydrafy knows: it holds this image.
+        Holding::Foreign | Holding::Nothing => State::new(Layout::Nix, record),
+    };
     state.write(out.dir())?;
     drop(staging);
     Ok(Some(summary))

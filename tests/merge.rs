@@ -17,7 +17,8 @@ struct Upgrade {
     old: Pushed,
     new: Pushed,
     new_manifest: Pushed,
-    /// The store the new image was made from (its files are read-only).
+    /// The stores the images were made from (their files are read-only).
+    old_store: nix::NixStore,
     new_store: nix::NixStore,
     shared: Vec<String>,
     new_only: Vec<String>,
@@ -91,10 +92,11 @@ fn upgrade() -> Upgrade {
         );
         (index, manifest)
     };
-    let ((old, _), (new_image, new_manifest)) = (image(&old, "old"), image(&new, "new"));
+    let ((old_image, _), (new_image, new_manifest)) = (image(&old, "old"), image(&new, "new"));
     Upgrade {
         reg,
-        old,
+        old: old_image,
+        old_store: old,
         new: new_image,
         new_manifest,
         new_store: new,
@@ -318,6 +320,68 @@ fn extract_merge_adds_an_archived_image_offline() {
 }
 
 #[test]
+fn merge_adopts_a_seed_made_by_the_docker_cp_recipe_and_keeps_its_cached_builds() {
+    let u = upgrade();
+    let env = TestEnv::new();
+    // The old recipe: `docker run` the image and `cp -r` its /nix out. The
+    // store the image was made from is that /nix: a real Nix store and
+    // database, with no hydrafy state file.
+    let seed = env.join("nix-backup");
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(u.old_store.root.join("nix"))
+        .arg(&seed)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::write(
+        env.join("artifact"),
+        "built by a job under the old recipe\n",
+    )
+    .unwrap();
+    let cached = nix::add(&seed, &env.join("artifact"));
+    assert!(nix::verify(&seed).0);
+
+    let out = env.run(&["fetch", "--plain-http", &u.new.reference, "--merge"]);
+    assert_ok(&out);
+    assert!(
+        crate::support::stderr(&out).contains("was not written by hydrafy; merging"),
+        "{}",
+        crate::support::stderr(&out)
+    );
+    let (ok, text) = nix::verify(&seed);
+    assert!(
+        ok,
+        "nix-store --verify --check-contents after the merge: {text}"
+    );
+    for p in u
+        .new_only
+        .iter()
+        .chain(&u.shared)
+        .chain(std::iter::once(&cached))
+    {
+        assert!(
+            !nix::query(&seed, &["--hash", p]).is_empty(),
+            "{p} is valid in the merged store"
+        );
+    }
+    // hydrafy now knows the seed: the same merge again is a no-op.
+    let again = env.run(&[
+        "fetch",
+        "--plain-http",
+        &u.new.reference,
+        "--merge",
+        "--json",
+    ]);
+    assert_ok(&again);
+    assert!(
+        stdout(&again).contains("\"unchanged\":true"),
+        "{}",
+        stdout(&again)
+    );
+}
+
+#[test]
 fn merge_refuses_what_it_cannot_merge_and_changes_nothing() {
     let u = upgrade();
     let env = TestEnv::new();
@@ -332,7 +396,16 @@ fn merge_refuses_what_it_cannot_merge_and_changes_nothing() {
         "-o",
         "foreign",
     ]);
-    assert_fails(&out, 1, &["foreign", "did not write", "--replace"]);
+    assert_fails(
+        &out,
+        1,
+        &[
+            "foreign",
+            "did not write",
+            "nix/var/nix/db/db.sqlite",
+            "--replace",
+        ],
+    );
     assert_eq!(fingerprint(&env.join("foreign")), before);
     // With --rootfs: a usage error before any work.
     let out = env.run(&[
