@@ -18,7 +18,9 @@ use crate::layout::Archive;
 use crate::output::{Existing, OutputDir, Staging};
 use crate::platform::Platform;
 use crate::progress::Reporter;
-use crate::publish::{SkipPlan, Unpacked, already_holds, check_merge, finish_output, summary_of};
+use crate::publish::{
+    SkipPlan, Unpacked, already_holds, check_merge, finish_output, without_skips,
+};
 use crate::resolve::ResolvedImage;
 use crate::state::Layout;
 use crate::unpack;
@@ -73,14 +75,13 @@ pub async fn extract(
         .await
         {
             Err(Error::SkippedLinkTarget { .. }) if attempt.skips_any() => {
-                reporter.info("a new store path hard-links into one the seed already has; unpacking the whole image");
-                attempt = SkipPlan::none(&resolved);
+                attempt = without_skips(&resolved, &*reporter);
                 staging.reset_rootfs()?;
             }
             other => break other?,
         }
     };
-    let merged = finish_output(
+    finish_output(
         &out,
         staging,
         layout,
@@ -89,11 +90,8 @@ pub async fn extract(
         plan.merging,
         &*reporter,
         cancel,
-    )?;
-    reporter.finish();
-    let mut summary = summary_of(&resolved, &out, &unpacked.stats, 0, start);
-    summary.merge = merged;
-    Ok(summary)
+        start,
+    )
 }
 
 /// Unpack the archive's layers into the staging root, as `plan` allows.

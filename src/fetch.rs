@@ -22,7 +22,9 @@ use crate::error::{Error, Result};
 use crate::output::{Existing, Holding, OutputDir};
 use crate::platform::Platform;
 use crate::progress::Reporter;
-use crate::publish::{SkipPlan, Unpacked, already_holds, check_merge, finish_output, summary_of};
+use crate::publish::{
+    SkipPlan, Unpacked, already_holds, check_merge, finish_output, without_skips,
+};
 use crate::reference::ImageRef;
 use crate::registry::{Registry, RegistryOptions};
 use crate::state::Layout;
@@ -159,8 +161,7 @@ pub async fn fetch(
     let unpacked = loop {
         match unpack_into(attempt.clone(), follow).await {
             Err(Error::SkippedLinkTarget { .. }) if attempt.skips_any() => {
-                reporter.info("a new store path hard-links into one the seed already has; unpacking the whole image");
-                attempt = SkipPlan::none(&resolved);
+                attempt = without_skips(&resolved, &*reporter);
             }
             Err(Error::SourceReplaced { digest }) if follow => {
                 reporter.info(&format!(
@@ -172,7 +173,7 @@ pub async fn fetch(
         }
         staging.reset_rootfs()?;
     };
-    let merged = finish_output(
+    finish_output(
         &out,
         staging,
         layout,
@@ -181,9 +182,6 @@ pub async fn fetch(
         plan.merging,
         &*reporter,
         cancel,
-    )?;
-    reporter.finish();
-    let mut summary = summary_of(&resolved, &out, &unpacked.stats, unpacked.downloaded, start);
-    summary.merge = merged;
-    Ok(summary)
+        start,
+    )
 }

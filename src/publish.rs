@@ -156,11 +156,43 @@ pub fn present_store_paths(out: &OutputDir) -> Result<HashSet<OsString>> {
         .collect())
 }
 
-/// Make DIR hold the unpacked staging root: publish it (a new or replaced
-/// tree), or, for `--merge`, move its new store paths into DIR and register
-/// them in DIR's database in one transaction.
+/// The plan for unpacking again after [`Error::SkippedLinkTarget`]: a new
+/// store path hard-links into one the seed has, so nothing is skipped.
+pub fn without_skips(resolved: &ResolvedImage, reporter: &dyn Reporter) -> SkipPlan {
+    reporter.info(
+        "a new store path hard-links into one the seed already has; unpacking the whole image",
+    );
+    SkipPlan::none(resolved)
+}
+
+/// Make DIR hold the unpacked staging root (see [`merge_or_publish`]) and
+/// sum up the run that began at `start`.
 #[allow(clippy::too_many_arguments)]
 pub fn finish_output(
+    out: &OutputDir,
+    staging: Staging,
+    layout: Layout,
+    resolved: &ResolvedImage,
+    unpacked: &Unpacked,
+    merging: bool,
+    reporter: &dyn Reporter,
+    cancel: &Cancel,
+    start: Instant,
+) -> Result<Summary> {
+    let merged = merge_or_publish(
+        out, staging, layout, resolved, unpacked, merging, reporter, cancel,
+    )?;
+    reporter.finish();
+    let mut summary = summary_of(resolved, out, &unpacked.stats, unpacked.downloaded, start);
+    summary.merge = merged;
+    Ok(summary)
+}
+
+/// Publish the staging root (a new or replaced tree), or, for `--merge`,
+/// move its new store paths into DIR and register them in DIR's database in
+/// one transaction.
+#[allow(clippy::too_many_arguments)]
+fn merge_or_publish(
     out: &OutputDir,
     staging: Staging,
     layout: Layout,
@@ -252,7 +284,7 @@ pub fn publish_unpacked(
 }
 
 /// The `--json` summary of a run that unpacked `resolved` into `out`.
-pub fn summary_of(
+fn summary_of(
     resolved: &ResolvedImage,
     out: &OutputDir,
     stats: &ApplyStats,
