@@ -1110,6 +1110,22 @@ fn hydrafy_cache_shows_its_path_and_size_and_clears() {
 
 // ------------------------------------------------------------------ mirrors
 
+/// `hydrafy fetch --plain-http --mirror ORIGIN=http://MIRROR [EXTRA] ORIGIN/pub/nix@DIGEST -o out`.
+fn fetch_with_mirror(
+    env: &TestEnv,
+    origin: &str,
+    mirror: &str,
+    digest: &str,
+    extra: &[&str],
+) -> Output {
+    let reference = format!("{origin}/pub/nix@{digest}");
+    let mirror_arg = format!("{origin}=http://{mirror}");
+    let mut args = vec!["fetch", "--plain-http", "--mirror", &mirror_arg];
+    args.extend_from_slice(extra);
+    args.extend([reference.as_str(), "-o", "out"]);
+    run(env, &args)
+}
+
 #[test]
 fn a_pull_through_mirror_is_tried_first_and_a_lying_one_is_skipped() {
     let origin = Registry::start();
@@ -1128,20 +1144,7 @@ fn a_pull_through_mirror_is_tried_first_and_a_lying_one_is_skipped() {
         }
     });
     let env = TestEnv::new();
-    let reference = format!("{}/pub/nix@{}", at_origin.addr, img.digest);
-    let mirror_arg = format!("{}=http://{}", at_origin.addr, at_mirror.addr);
-    let out = run(
-        &env,
-        &[
-            "fetch",
-            "--plain-http",
-            "--mirror",
-            &mirror_arg,
-            &reference,
-            "-o",
-            "out",
-        ],
-    );
+    let out = fetch_with_mirror(&env, &at_origin.addr, &at_mirror.addr, &img.digest, &[]);
     assert_ok(&out);
     let err = stderr(&out);
     assert!(
@@ -1200,20 +1203,7 @@ fn a_lie_unpacked_while_it_downloads_is_thrown_away_and_the_image_unpacked_again
         }
     });
     let env = TestEnv::new();
-    let reference = format!("{}/pub/nix@{}", origin.addr, img.digest);
-    let mirror_arg = format!("{}=http://{}", origin.addr, at_mirror.addr);
-    let out = run(
-        &env,
-        &[
-            "fetch",
-            "--plain-http",
-            "--mirror",
-            &mirror_arg,
-            &reference,
-            "-o",
-            "out",
-        ],
-    );
+    let out = fetch_with_mirror(&env, &origin.addr, &at_mirror.addr, &img.digest, &[]);
     assert_ok(&out);
     let err = stderr(&out);
     assert!(
@@ -1249,21 +1239,7 @@ fn a_mirror_serving_another_image_for_the_pinned_digest_is_skipped() {
         }
     });
     let env = TestEnv::new();
-    let reference = format!("{}/pub/nix@{}", origin.addr, img.digest);
-    let mirror_arg = format!("{}=http://{}", origin.addr, lying.addr);
-    let out = run(
-        &env,
-        &[
-            "fetch",
-            "--plain-http",
-            "--json",
-            "--mirror",
-            &mirror_arg,
-            &reference,
-            "-o",
-            "out",
-        ],
-    );
+    let out = fetch_with_mirror(&env, &origin.addr, &lying.addr, &img.digest, &["--json"]);
     assert_ok(&out);
     let err = stderr(&out);
     assert!(
