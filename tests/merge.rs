@@ -110,6 +110,28 @@ fn store_path(seed: &Path, path: &str) -> std::path::PathBuf {
     seed.join(path.trim_start_matches('/'))
 }
 
+/// The merged `seed` passes `nix-store --verify --check-contents`, and the
+/// new image's paths, the shared ones and the `cached` build are all valid.
+fn assert_merged(seed: &Path, u: &Upgrade, cached: &str) {
+    let (ok, text) = nix::verify(seed);
+    assert!(
+        ok,
+        "nix-store --verify --check-contents after the merge: {text}"
+    );
+    for p in u
+        .new_only
+        .iter()
+        .chain(&u.shared)
+        .map(String::as_str)
+        .chain([cached])
+    {
+        assert!(
+            !nix::query(seed, &["--hash", p]).is_empty(),
+            "{p} is valid in the merged store"
+        );
+    }
+}
+
 #[test]
 fn merge_keeps_a_cached_build_and_adds_the_new_image_and_nix_store_agrees() {
     let u = upgrade();
@@ -154,22 +176,7 @@ fn merge_keeps_a_cached_build_and_adds_the_new_image_and_nix_store_agrees() {
     assert_eq!(added, want, "exactly the new image's new paths were added");
     assert_eq!(summary["merge"]["already_present"], u.shared.len());
 
-    let (ok, text) = nix::verify(&seed);
-    assert!(
-        ok,
-        "nix-store --verify --check-contents after the merge: {text}"
-    );
-    for p in u
-        .new_only
-        .iter()
-        .chain(&u.shared)
-        .chain(std::iter::once(&cached))
-    {
-        assert!(
-            !nix::query(&seed, &["--hash", p]).is_empty(),
-            "{p} is valid in the merged store"
-        );
-    }
+    assert_merged(&seed, &u, &cached);
     // The old image's own path and the cached build are still there.
     assert!(!nix::query(&seed, &["--hash", &cached]).is_empty());
     assert_eq!(
@@ -349,22 +356,7 @@ fn merge_adopts_a_seed_made_by_the_docker_cp_recipe_and_keeps_its_cached_builds(
         "{}",
         crate::support::stderr(&out)
     );
-    let (ok, text) = nix::verify(&seed);
-    assert!(
-        ok,
-        "nix-store --verify --check-contents after the merge: {text}"
-    );
-    for p in u
-        .new_only
-        .iter()
-        .chain(&u.shared)
-        .chain(std::iter::once(&cached))
-    {
-        assert!(
-            !nix::query(&seed, &["--hash", p]).is_empty(),
-            "{p} is valid in the merged store"
-        );
-    }
+    assert_merged(&seed, &u, &cached);
     // hydrafy now knows the seed: the same merge again is a no-op.
     let again = env.run(&[
         "fetch",
