@@ -38,19 +38,9 @@ done
 (cd "$here" && cargo build --release --quiet)
 hydrafy=$here/target/release/hydrafy
 rm -rf "$work"; mkdir -p "$work"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-reg=127.0.0.1:$port
-mkdir -p "$work/registry"
-cat > "$work/registry/config.yml" <<YML
-version: 0.1
-log: {level: error}
-storage: {filesystem: {rootdirectory: $work/registry/storage}}
-http: {addr: $reg}
-YML
-docker-registry serve "$work/registry/config.yml" > "$work/registry/log" 2>&1 &
-registry_pid=$!
-trap 'kill $registry_pid 2>/dev/null || true' EXIT
-for _ in $(seq 100); do curl -fsS "http://$reg/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
+# shellcheck source=scripts/registry.sh
+. "$here/scripts/registry.sh"
+start_registry
 
 push_blob() { # file -> digest
     local digest loc

@@ -39,19 +39,10 @@ done
 
 (cd "$here" && cargo build --release --quiet)
 hydrafy=$here/target/release/hydrafy
-rm -rf "$work"; mkdir -p "$work/registry"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-reg=127.0.0.1:$port
-cat > "$work/registry/config.yml" <<YML
-version: 0.1
-log: {level: error}
-storage: {filesystem: {rootdirectory: $work/registry/storage}}
-http: {addr: $reg}
-YML
-docker-registry serve "$work/registry/config.yml" > "$work/registry/log" 2>&1 &
-registry_pid=$!
-trap 'kill $registry_pid 2>/dev/null || true' EXIT
-for _ in $(seq 100); do curl -fsS "http://$reg/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
+rm -rf "$work"; mkdir -p "$work"
+# shellcheck source=scripts/registry.sh
+. "$here/scripts/registry.sh"
+start_registry
 
 push() { # repo [make_nixlike args] -> index digest
     local out

@@ -1,0 +1,22 @@
+# Sourced by the benchmark scripts: a throwaway distribution registry on a
+# free loopback port, storing under $work/registry, stopped when the script
+# exits. Sets $reg (host:port).
+# shellcheck shell=bash
+start_registry() {
+    local port
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    reg=127.0.0.1:$port
+    mkdir -p "$work/registry"
+    cat > "$work/registry/config.yml" <<YML
+version: 0.1
+log: {level: error}
+storage: {filesystem: {rootdirectory: $work/registry/storage}}
+http: {addr: $reg}
+YML
+    docker-registry serve "$work/registry/config.yml" > "$work/registry/log" 2>&1 &
+    registry_pid=$!
+    trap 'kill $registry_pid 2>/dev/null || true' EXIT
+    for _ in $(seq 100); do curl -fsS "http://$reg/v2/" >/dev/null 2>&1 && return 0; sleep 0.1; done
+    echo "the registry did not start; see $work/registry/log" >&2
+    exit 1
+}
