@@ -43,11 +43,7 @@ pub async fn extract(
     cancel: &Cancel,
 ) -> Result<Summary> {
     let start = Instant::now();
-    let layout = if opts.rootfs {
-        Layout::Rootfs
-    } else {
-        Layout::Nix
-    };
+    let layout = Layout::of(opts.rootfs);
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
     check_merge(opts.existing, layout)?;
     let archive = Archive::open(&opts.source)?;

@@ -56,11 +56,7 @@ pub async fn fetch(
 ) -> Result<Summary> {
     let start = Instant::now();
     let image = ImageRef::parse(&opts.image)?;
-    let layout = if opts.rootfs {
-        Layout::Rootfs
-    } else {
-        Layout::Nix
-    };
+    let layout = Layout::of(opts.rootfs);
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
     check_merge(opts.existing, layout)?;
     let out = OutputDir::open(&opts.output, &*reporter)?;

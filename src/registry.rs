@@ -635,6 +635,24 @@ impl Registry {
     }
 
     /// Exponential backoff with jitter: `backoff * 2^(attempt-1)`, plus up to half again.
+    /// Send `req` as attempt number `attempt`. `Ok(None)`: the connection
+    /// failed in a way worth another attempt, and the backoff has been slept.
+    async fn try_send(
+        &self,
+        req: reqwest::RequestBuilder,
+        attempt: u32,
+        target: &str,
+    ) -> Result<Option<reqwest::Response>> {
+        match req.send().await {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if attempt < self.opts.attempts && transient(&e) => {
+                tokio::time::sleep(self.backoff(attempt)).await;
+                Ok(None)
+            }
+            Err(e) => Err(http_error(target, connect_hint(&e), e)),
+        }
+    }
+
     fn backoff(&self, attempt: u32) -> Duration {
         let base = self
             .opts
@@ -669,13 +687,8 @@ impl Registry {
             if let Some(header) = &sent_auth {
                 req = req.header(AUTHORIZATION, header);
             }
-            let resp = match req.send().await {
-                Ok(r) => r,
-                Err(e) if attempt < self.opts.attempts && transient(&e) => {
-                    tokio::time::sleep(self.backoff(attempt)).await;
-                    continue;
-                }
-                Err(e) => return Err(http_error(&target, connect_hint(&e), e)),
+            let Some(resp) = self.try_send(req, attempt, &target).await? else {
+                continue;
             };
             let status = resp.status();
             if status.is_success()
@@ -927,13 +940,8 @@ impl Registry {
                     }
                 }
             };
-            let resp = match req.send().await {
-                Ok(r) => r,
-                Err(e) if attempt < self.opts.attempts && transient(&e) => {
-                    tokio::time::sleep(self.backoff(attempt)).await;
-                    continue;
-                }
-                Err(e) => return Err(http_error(&target, connect_hint(&e), e)),
+            let Some(resp) = self.try_send(req, attempt, &target).await? else {
+                continue;
             };
             let status = resp.status();
             if (status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS)

@@ -25,6 +25,13 @@ pub enum Layout {
     Rootfs,
 }
 
+impl Layout {
+    /// The layout `--rootfs` asks for.
+    pub fn of(rootfs: bool) -> Layout {
+        if rootfs { Layout::Rootfs } else { Layout::Nix }
+    }
+}
+
 /// One image an output directory was built from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRecord {
