@@ -8,15 +8,15 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::blobstore::BlobStore;
+use crate::blobs::store::BlobStore;
+use crate::commands::extract::ExtractOptions;
+use crate::commands::fetch::FetchOptions;
+use crate::commands::pull::PullOptions;
+use crate::commands::runner_config::RunnerConfigOptions;
 use crate::error::{Error, Result};
-use crate::extract::ExtractOptions;
-use crate::fetch::FetchOptions;
-use crate::output::Existing;
-use crate::pull::PullOptions;
-use crate::registry::{Mirror, RegistryOptions};
-use crate::runner_config::RunnerConfigOptions;
-use crate::verify::VerifyOptions;
+use crate::nix::verify::VerifyOptions;
+use crate::registry::client::{Mirror, RegistryOptions};
+use crate::seed::output::Existing;
 
 const EXIT_CODES: &str = "\
 Exit status:

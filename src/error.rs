@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use crate::digest::Digest;
+use crate::oci::digest::Digest;
 
 /// Result alias used throughout hydrafy.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -7,59 +7,31 @@
 //! their whiteouts into a private staging folder, and publishes
 //! `nix-backup/nix/store` and `nix-backup/nix/var/nix/db` in one rename.
 //!
-//! The binary is thin; this library holds the work, one module per concern:
+//! The binary is thin; this library holds the work, one folder per concern,
+//! each standing only on the ones below it:
 //!
-//! | module | owns |
+//! | folder | owns |
 //! |---|---|
-//! | [`reference`](mod@reference), [`digest`], [`platform`] | what the user names, parsed and validated |
-//! | [`manifest`] | manifests, indexes, configs, media types |
-//! | [`registry`], [`auth`], [`credentials`] | the distribution API, token auth, retries, mirrors |
-//! | [`blobstore`], [`cache`] | verified content-addressed blobs (the cache), `hydrafy cache` |
-//! | [`decompress`] | gzip/zstd/plain by media type and magic bytes |
-//! | [`fsroot`], [`apply`] | chroot-like path resolution and layer application |
-//! | [`unpack`] | the decode/apply pipeline across two threads |
-//! | [`output`], [`state`] | staging, atomic publish, what DIR holds |
-//! | [`resolve`] | an image's manifest chain, fetched or read, verified |
-//! | [`download`] | concurrent verified downloads feeding the pipeline |
-//! | [`publish`] | DIR made to hold the result: one rename, or a merge |
-//! | [`fetch`] | the `fetch` command, end to end |
-//! | [`pull`], [`extract`], [`layout`] | air-gapped hosts: image files written and read |
-//! | [`nar`], [`nixhash`] | Nix's archive format and hash notations |
-//! | [`nixdb`] | the Nix database: reading it, merging an image into a seed |
-//! | [`verify`] | the `verify` command: a store checked against its database |
-//! | [`runner_config`] | the `runner-config` command: gitlab-runner's config.toml |
-//! | [`progress`], [`cancel`], [`cli`], [`error`] | the user interface around it |
+//! | [`cli`] | clap's types, their conversion to plain options, exit codes |
+//! | [`commands`] | one file per subcommand, end to end |
+//! | [`seed`] | the output directory: its state, staging, publish and merge |
+//! | [`blobs`] | the verified blob store (the cache) and downloads into it |
+//! | [`registry`] | the distribution API: HTTP, retries, auth, credentials, mirrors |
+//! | [`unpack`] | decompression, layer application under a root, the pipeline |
+//! | [`nix`] | NAR, Nix hashes, the database and its locks, verification |
+//! | [`oci`] | references, digests, platforms, manifests, image files |
+//! | [`ui`] | progress and cancellation |
+//! | [`error`] | the one error type, and how it is printed |
 
-pub mod apply;
-pub mod auth;
-pub mod blobstore;
-pub mod cache;
-pub mod cancel;
+pub mod blobs;
 pub mod cli;
-pub mod credentials;
-pub mod decompress;
-pub mod digest;
-pub mod download;
+pub mod commands;
 pub mod error;
-pub mod extract;
-pub mod fetch;
-pub mod fsroot;
-pub mod layout;
-pub mod manifest;
-pub mod nar;
-pub mod nixdb;
-pub mod nixhash;
-pub mod output;
-pub mod platform;
-pub mod progress;
-pub mod publish;
-pub mod pull;
-pub mod reference;
+pub mod nix;
+pub mod oci;
 pub mod registry;
-pub mod resolve;
-pub mod runner_config;
-pub mod state;
+pub mod seed;
+pub mod ui;
 pub mod unpack;
-pub mod verify;
 
 pub use error::{Error, Result};

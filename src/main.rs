@@ -5,11 +5,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use hydrafy::cache;
-use hydrafy::cancel::Cancel;
 use hydrafy::cli::{CacheAction, Cli, Command};
+use hydrafy::commands::cache;
 use hydrafy::error::{report, sanitize};
-use hydrafy::progress::{Progress, Reporter, Style};
+use hydrafy::ui::cancel::Cancel;
+use hydrafy::ui::progress::{Progress, Reporter, Style};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -36,7 +36,7 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
         Command::Fetch(args) => {
             let progress = reporter(&args.report);
             let result = match args.options() {
-                Ok(opts) => hydrafy::fetch::fetch(&opts, progress.clone(), &cancel).await,
+                Ok(opts) => hydrafy::commands::fetch::fetch(&opts, progress.clone(), &cancel).await,
                 Err(e) => Err(e),
             };
             finish_reported(result, &progress, args.report.json)
@@ -44,7 +44,7 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
         Command::Pull(args) => {
             let progress = reporter(&args.report);
             let result = match args.options() {
-                Ok(opts) => hydrafy::pull::pull(&opts, progress.clone(), &cancel).await,
+                Ok(opts) => hydrafy::commands::pull::pull(&opts, progress.clone(), &cancel).await,
                 Err(e) => Err(e),
             };
             finish_reported(result, &progress, args.report.json)
@@ -52,7 +52,9 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
         Command::Extract(args) => {
             let progress = reporter(&args.report);
             let result = match args.options() {
-                Ok(opts) => hydrafy::extract::extract(&opts, progress.clone(), &cancel).await,
+                Ok(opts) => {
+                    hydrafy::commands::extract::extract(&opts, progress.clone(), &cancel).await
+                }
                 Err(e) => Err(e),
             };
             finish_reported(result, &progress, args.report.json)
@@ -70,7 +72,7 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
         Command::Verify(args) => {
             let progress = Progress::new(Style::detect(args.report.quiet));
             let flag = cancel.flag();
-            match hydrafy::verify::verify(&args.options(), &progress, &flag) {
+            match hydrafy::nix::verify::verify(&args.options(), &progress, &flag) {
                 Ok(report) => {
                     // The bad paths are the result: stdout, unless JSON holds them.
                     let lines: Vec<String> = report
@@ -90,7 +92,7 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
         }
         Command::RunnerConfig(args) => {
             let progress = Progress::new(Style::detect(args.report.quiet));
-            match hydrafy::runner_config::runner_config(&args.options(), &progress) {
+            match hydrafy::commands::runner_config::runner_config(&args.options(), &progress) {
                 Ok(report) => {
                     if !args.report.json {
                         print_stdout(report.diff.trim_end());

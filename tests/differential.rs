@@ -19,7 +19,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use hydrafy::apply::{Applier, ApplyOptions};
+use hydrafy::unpack::apply::{Applier, ApplyOptions};
 use sha2::{Digest as _, Sha256};
 
 use crate::support::image::{Tar, sha256};
@@ -391,8 +391,8 @@ fn compare(layers: &[Vec<u8>]) -> Vec<String> {
         Err(e) => return vec![format!("hydrafy failed: {e}")],
     };
     let diff = diff_trees(&ours, &theirs);
-    let _ = hydrafy::fsroot::remove_tree(&ours);
-    let _ = hydrafy::fsroot::remove_tree(&work.path().join("bundle"));
+    let _ = hydrafy::unpack::fsroot::remove_tree(&ours);
+    let _ = hydrafy::unpack::fsroot::remove_tree(&work.path().join("bundle"));
     diff
 }
 

@@ -34,7 +34,7 @@ mod layer {
     use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
     use std::path::{Path, PathBuf};
 
-    use hydrafy::apply::{Applier, ApplyOptions};
+    use hydrafy::unpack::apply::{Applier, ApplyOptions};
     use tar::EntryType;
 
     use crate::support::fingerprint;
@@ -234,7 +234,7 @@ mod layer {
         fn drop(&mut self) {
             // The root may hold 0555 directories an unprivileged user cannot
             // empty without fixing their modes first.
-            let _ = hydrafy::fsroot::remove_tree(&self.root);
+            let _ = hydrafy::unpack::fsroot::remove_tree(&self.root);
         }
     }
 
@@ -1470,11 +1470,11 @@ mod layer {
         lab.ok(&[deep]);
         // Only the root's own resolution reaches the bottom (the host's would
         // follow the absolute links out, and the path is too long anyway).
-        let fsroot = hydrafy::fsroot::FsRoot::open(&lab.root).unwrap();
+        let fsroot = hydrafy::unpack::fsroot::FsRoot::open(&lab.root).unwrap();
         let bottom = fsroot.open_dir(Path::new(&deepest[1..])).unwrap();
         assert_eq!(
-            hydrafy::fsroot::stat_at(&bottom, OsStr::new("f")).unwrap(),
-            hydrafy::fsroot::Node::Other
+            hydrafy::unpack::fsroot::stat_at(&bottom, OsStr::new("f")).unwrap(),
+            hydrafy::unpack::fsroot::Node::Other
         );
         drop((bottom, fsroot));
         lab.ok(&[one(|t| {
@@ -1550,10 +1550,10 @@ mod layer {
         enc.write_all(&Tar::new().finish()).unwrap();
         let frame = enc.finish().unwrap();
         let mut out = Vec::new();
-        let result = hydrafy::decompress::decoder(
+        let result = hydrafy::unpack::decompress::decoder(
             "sha256:zstd-layer",
             &frame[..],
-            hydrafy::manifest::Compression::Zstd,
+            hydrafy::oci::manifest::Compression::Zstd,
         )
         .map(|mut d| d.read_to_end(&mut out));
         match result {
@@ -1614,7 +1614,7 @@ fn library_cases_pass_as_an_unprivileged_user() {
     );
     let summary = format!("test result: ok. {expected} passed; 0 failed");
     assert!(text.contains(&summary), "expected {summary:?} in:\n{text}");
-    let _ = hydrafy::fsroot::remove_tree(&tmp);
+    let _ = hydrafy::unpack::fsroot::remove_tree(&tmp);
 }
 
 // ---- end to end through `hydrafy fetch` -------------------------------

@@ -1,4 +1,4 @@
-//! Merging an image's store and database into a seed (`hydrafy::nixdb::Merge`,
+//! Merging an image's store and database into a seed (`hydrafy::nix::db::Merge`,
 //! the engine of `fetch --merge`), checked with the real `nix-store`.
 
 use std::fs;
@@ -9,8 +9,8 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use hydrafy::nixdb::Merge;
-use hydrafy::progress::Recorder;
+use hydrafy::nix::db::Merge;
+use hydrafy::ui::progress::Recorder;
 use rustix::fs::FlockOperation;
 
 use crate::support::nix::{add, instantiate, nix_verify, query};

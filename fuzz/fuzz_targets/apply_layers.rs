@@ -23,7 +23,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use hydrafy::apply::{Applier, ApplyOptions};
+use hydrafy::unpack::apply::{Applier, ApplyOptions};
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 
@@ -496,5 +496,5 @@ fuzz_target!(|data: &[u8]| {
         std::fs::symlink_metadata(&lab.root).unwrap().is_dir(),
         "the root was replaced"
     );
-    hydrafy::fsroot::remove_tree(&lab.root).expect("remove the root");
+    hydrafy::unpack::fsroot::remove_tree(&lab.root).expect("remove the root");
 });

@@ -10,20 +10,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::apply::{Applier, ApplyOptions};
-use crate::cancel::Cancel;
+use crate::commands::fetch::Summary;
 use crate::error::{Error, Result};
-use crate::fetch::Summary;
-use crate::layout::Archive;
-use crate::output::{Existing, OutputDir, Staging};
-use crate::platform::Platform;
-use crate::progress::Reporter;
-use crate::publish::{
+use crate::oci::layout::Archive;
+use crate::oci::platform::Platform;
+use crate::oci::resolve::ResolvedImage;
+use crate::seed::output::{Existing, OutputDir, Staging};
+use crate::seed::publish::{
     SkipPlan, Unpacked, already_holds, check_merge, finish_output, without_skips,
 };
-use crate::resolve::ResolvedImage;
-use crate::state::Layout;
-use crate::unpack;
+use crate::seed::state::Layout;
+use crate::ui::cancel::Cancel;
+use crate::ui::progress::Reporter;
+use crate::unpack::apply::{Applier, ApplyOptions};
+use crate::unpack::pipeline;
 
 /// Everything `extract` needs to know.
 #[derive(Clone, Debug)]
@@ -110,7 +110,7 @@ async fn unpack_archive(
     let flag = cancel.flag();
     let unpack_reporter = Arc::clone(reporter);
     let (stats, log, result) = tokio::task::spawn_blocking(move || {
-        let result = unpack::unpack(&mut applier, layers, &flag, &*unpack_reporter)
+        let result = pipeline::unpack(&mut applier, layers, &flag, &*unpack_reporter)
             .and_then(|()| applier.finish());
         (applier.stats().clone(), applier.take_layer_log(), result)
     })

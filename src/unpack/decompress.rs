@@ -10,7 +10,7 @@
 use std::io::{BufRead, Read};
 
 use crate::error::{Error, Result};
-use crate::manifest::Compression;
+use crate::oci::manifest::Compression;
 
 /// zstd's decoder window limit, as log2 bytes: 2^27 = 128 MiB, zstd's own
 /// default ceiling for frames that do not ask for more with `--long`.

@@ -15,16 +15,16 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::apply::ApplyStats;
-use crate::cancel::Cancel;
-use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::nixdb::{self, Merge, MergeSummary};
-use crate::output::{self, Existing, Holding, OutputDir, Staging};
-use crate::platform::Platform;
-use crate::progress::Reporter;
-use crate::resolve::ResolvedImage;
-use crate::state::{ImageRecord, Layout, State, StoreLayer};
+use crate::nix::db::{self, Merge, MergeSummary};
+use crate::oci::digest::Digest;
+use crate::oci::platform::Platform;
+use crate::oci::resolve::ResolvedImage;
+use crate::seed::output::{self, Existing, Holding, OutputDir, Staging};
+use crate::seed::state::{ImageRecord, Layout, State, StoreLayer};
+use crate::ui::cancel::Cancel;
+use crate::ui::progress::Reporter;
+use crate::unpack::apply::ApplyStats;
 
 /// What a run did, for `--json` and for tests.
 #[derive(Clone, Debug, Serialize)]
@@ -146,8 +146,8 @@ impl SkipPlan {
 /// The store paths (`HASH-NAME`) a seed holds, registered and on disk: a
 /// `--merge` into it need not write them.
 pub fn present_store_paths(out: &OutputDir) -> Result<HashSet<OsString>> {
-    let snapshot = nixdb::snapshot(out.dir())?;
-    let store = out.dir().join(nixdb::STORE_DIR);
+    let snapshot = db::snapshot(out.dir())?;
+    let store = out.dir().join(db::STORE_DIR);
     Ok(snapshot
         .paths
         .iter()

@@ -9,9 +9,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::platform::Platform;
+use crate::oci::digest::Digest;
+use crate::oci::platform::Platform;
 
 /// The state file's name inside an output directory.
 pub const STATE_FILE: &str = ".hydrafy-state.json";

@@ -38,7 +38,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 use tar::EntryType;
 
 use crate::error::{Error, Result};
-use crate::fsroot::{self, FsRoot, Id, Node, Step};
+use crate::unpack::fsroot::{self, FsRoot, Id, Node, Step};
 
 /// The largest PAX record set or GNU long name accepted (1 MiB).
 pub const MAX_EXTENSION_BYTES: u64 = 1 << 20;

@@ -14,12 +14,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
 
-use crate::apply::Applier;
-use crate::decompress;
-use crate::digest::{Digest, Hasher, HashingReader};
 use crate::error::{Error, Result};
-use crate::manifest::{Compression, Descriptor};
-use crate::progress::Reporter;
+use crate::oci::digest::{Digest, Hasher, HashingReader};
+use crate::oci::manifest::{Compression, Descriptor};
+use crate::ui::progress::Reporter;
+use crate::unpack::apply::Applier;
+use crate::unpack::decompress;
 
 const CHUNK: usize = 256 << 10;
 /// Chunks in flight between decoder and applier (4 MiB).

@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{FlockOperation, RenameFlags};
 
 use crate::error::{Error, Result};
-use crate::fsroot;
-use crate::progress::Reporter;
-use crate::state::{Layout, STATE_FILE, State};
+use crate::seed::state::{Layout, STATE_FILE, State};
+use crate::ui::progress::Reporter;
+use crate::unpack::fsroot;
 
 /// What to do when DIR already holds another image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,8 +185,8 @@ impl OutputDir {
     /// What DIR holds.
     /// Does DIR hold a Nix store and its database (whoever wrote them)?
     pub fn holds_nix_seed(&self) -> bool {
-        self.dir.join(crate::nixdb::STORE_DIR).is_dir()
-            && crate::nixdb::db_file(&self.dir).is_file()
+        self.dir.join(crate::nix::db::STORE_DIR).is_dir()
+            && crate::nix::db::db_file(&self.dir).is_file()
     }
 
     pub fn holding(&self) -> &Holding {
@@ -214,8 +214,8 @@ impl OutputDir {
                         "holds files hydrafy did not write and no Nix store with its database \
                          ({} and {}/db.sqlite), so there is nothing to merge into; \
                          use --replace to swap in {what}",
-                        crate::nixdb::STORE_DIR,
-                        crate::nixdb::DB_DIR
+                        crate::nix::db::STORE_DIR,
+                        crate::nix::db::DB_DIR
                     ),
                 });
             }

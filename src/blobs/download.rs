@@ -16,16 +16,16 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::apply::{Applier, ApplyStats};
-use crate::blobstore::{BlobStore, Growing};
-use crate::cancel::Cancel;
-use crate::digest::Digest;
+use crate::blobs::store::{BlobStore, Growing};
 use crate::error::{Error, Result};
-use crate::manifest::Descriptor;
-use crate::progress::Reporter;
-use crate::registry::Registry;
-use crate::resolve::ResolvedImage;
-use crate::unpack::{self, LayerInput};
+use crate::oci::digest::Digest;
+use crate::oci::manifest::Descriptor;
+use crate::oci::resolve::ResolvedImage;
+use crate::registry::client::Registry;
+use crate::ui::cancel::Cancel;
+use crate::ui::progress::Reporter;
+use crate::unpack::apply::{Applier, ApplyStats};
+use crate::unpack::pipeline::{self, LayerInput};
 
 /// Download the image's layers into `store` and unpack them onto `rootfs`,
 /// both at once. Returns what was applied and how many bytes came over the wire.
@@ -92,7 +92,7 @@ pub async fn unpack_from_registry(
     let flag = cancel.flag();
     let unpack_reporter = Arc::clone(reporter);
     let mut unpack_task = tokio::task::spawn_blocking(move || {
-        let result = unpack::unpack(&mut applier, layers, &flag, &*unpack_reporter)
+        let result = pipeline::unpack(&mut applier, layers, &flag, &*unpack_reporter)
             .and_then(|()| applier.finish());
         ((applier.stats().clone(), applier.take_layer_log()), result)
     });

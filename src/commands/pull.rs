@@ -17,18 +17,18 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::blobstore::BlobStore;
-use crate::cancel::Cancel;
-use crate::digest::Digest;
-use crate::download::download_blobs;
+use crate::blobs::download::download_blobs;
+use crate::blobs::store::BlobStore;
 use crate::error::{Error, Result};
-use crate::fsroot;
-use crate::layout::{BlobData, LayoutContent};
-use crate::manifest::{Descriptor, MAX_CONFIG_BYTES, Manifest};
-use crate::platform::Platform;
-use crate::progress::Reporter;
-use crate::reference::ImageRef;
-use crate::registry::{Registry, RegistryOptions};
+use crate::oci::digest::Digest;
+use crate::oci::layout::{BlobData, LayoutContent};
+use crate::oci::manifest::{Descriptor, MAX_CONFIG_BYTES, Manifest};
+use crate::oci::platform::Platform;
+use crate::oci::reference::ImageRef;
+use crate::registry::client::{Registry, RegistryOptions};
+use crate::ui::cancel::Cancel;
+use crate::ui::progress::Reporter;
+use crate::unpack::fsroot;
 
 /// Everything `pull` needs to know.
 #[derive(Clone, Debug)]

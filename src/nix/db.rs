@@ -29,8 +29,8 @@
 //!
 //! ```no_run
 //! # fn main() -> hydrafy::Result<()> {
-//! use hydrafy::nixdb::Merge;
-//! # let reporter = hydrafy::progress::Recorder::default();
+//! use hydrafy::nix::db::Merge;
+//! # let reporter = hydrafy::ui::progress::Recorder::default();
 //! # let (seed, unpacked) = (std::path::Path::new("nix-backup"), std::path::Path::new("staging/rootfs"));
 //! // `unpacked` holds the new image's nix/store and nix/var/nix/db, on the seed's file system.
 //! let mut merge = Merge::plan(seed, unpacked, &reporter)?; // locks, checks; Err = nothing changed
@@ -55,9 +55,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use rustix::fs::FlockOperation;
 
 use crate::error::{Error, Result};
-use crate::fsroot;
-use crate::nixhash::NixHash;
-use crate::progress::Reporter;
+use crate::nix::hash::NixHash;
+use crate::ui::progress::Reporter;
+use crate::unpack::fsroot;
 
 /// The database schema version hydrafy reads and writes: the one every Nix
 /// 2.x uses (`nix/var/nix/db/schema` holds `10`).
@@ -99,7 +99,7 @@ impl PathInfo {
     }
 
     /// The NAR hash, parsed.
-    pub fn nar_hash(&self) -> std::result::Result<NixHash, crate::nixhash::HashParseError> {
+    pub fn nar_hash(&self) -> std::result::Result<NixHash, crate::nix::hash::HashParseError> {
         self.hash.parse()
     }
 }

@@ -9,8 +9,8 @@
 
 use std::fmt;
 
-use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::oci::digest::Digest;
 
 /// Where docker.io's registry API really lives.
 pub const DOCKER_HUB_API_HOST: &str = "registry-1.docker.io";

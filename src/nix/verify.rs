@@ -31,9 +31,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::nar::{self, NarError};
-use crate::nixdb::{self, PathInfo, STORE_DIR, STORE_PREFIX, Snapshot};
-use crate::progress::Reporter;
+use crate::nix::db::{self, PathInfo, STORE_DIR, STORE_PREFIX, Snapshot};
+use crate::nix::nar::{self, NarError};
+use crate::ui::progress::Reporter;
 
 /// What to verify.
 #[derive(Debug, Clone)]
@@ -127,14 +127,14 @@ pub fn verify(
 ) -> Result<VerifyReport> {
     let start = Instant::now();
     let dir = &opts.dir;
-    if !dir.join(nixdb::DB_DIR).join("db.sqlite").is_file() {
+    if !dir.join(db::DB_DIR).join("db.sqlite").is_file() {
         return Err(Error::invalid(
             "directory",
             dir.display().to_string(),
             "holds no nix/var/nix/db/db.sqlite; give the folder `hydrafy fetch` wrote (e.g. ./nix-backup)",
         ));
     }
-    let snap = nixdb::snapshot(dir)?;
+    let snap = db::snapshot(dir)?;
     let store = dir.join(STORE_DIR);
     let selected = select(&snap, &opts.paths, dir)?;
     let full = opts.paths.is_empty();
@@ -239,7 +239,7 @@ fn select(snap: &Snapshot, wanted: &[String], dir: &Path) -> Result<Vec<usize>> 
                     format!(
                         "is not registered in {}; list the registered paths with `sqlite3 {} 'select path from ValidPaths'`",
                         dir.display(),
-                        nixdb::db_file(dir).display()
+                        db::db_file(dir).display()
                     ),
                 )
             })?;
@@ -257,7 +257,7 @@ fn store_name_of(arg: &str) -> Option<&str> {
         Some((parent, name)) if parent == "/nix/store" || parent.ends_with("nix/store") => name,
         Some(_) => return None,
     };
-    nixdb::is_store_path(&format!("{STORE_PREFIX}{name}")).then_some(name)
+    db::is_store_path(&format!("{STORE_PREFIX}{name}")).then_some(name)
 }
 
 fn check_references(
@@ -287,7 +287,7 @@ fn check_references(
                     // A full run reports a missing reference as that path's own problem.
                     let Some(t) = snap.get(path) else { continue };
                     if !chosen.contains(&t.id)
-                        && nixdb::is_store_path(path)
+                        && db::is_store_path(path)
                         && fs::symlink_metadata(store.join(t.name())).is_err()
                     {
                         problems.push(Problem {
@@ -312,7 +312,7 @@ fn check_path(info: &PathInfo, store: &Path, cancel: &AtomicBool) -> (Option<Pro
         kind,
         detail,
     };
-    if !nixdb::is_store_path(&info.path) {
+    if !db::is_store_path(&info.path) {
         return (
             Some(problem(
                 ProblemKind::BadRegistration,

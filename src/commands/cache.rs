@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::blobstore::{BlobStore, Usage};
+use crate::blobs::store::{BlobStore, Usage};
 use crate::error::{Error, Result};
 
 /// The one thing `hydrafy cache` does on this run.

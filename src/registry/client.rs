@@ -10,7 +10,7 @@
 //!   received with a blob's descriptor size while streaming;
 //! - it has no retry, and a token that expires mid-pull is not renewed on the
 //!   401 that follows (its token handshake also drops `expires_in`: see
-//!   [`crate::auth`], which answers the 401 challenges here);
+//!   [`crate::registry::auth`], which answers the 401 challenges here);
 //! - its partial-blob API cannot tell "resumed" from "server ignored Range"
 //!   in the way a resumable download into a verified store needs.
 //!
@@ -31,7 +31,7 @@
 //!   exponential backoff and jitter, a bounded number of times; a blob
 //!   transfer that breaks off resumes with a Range request from the bytes
 //!   already received (restarting from zero when the server ignores Range),
-//!   across runs too (see [`crate::blobstore`]), and the whole blob is
+//!   across runs too (see [`crate::blobs::store`]), and the whole blob is
 //!   verified at the end.
 //! - Mirrors are tried in order before the origin; whatever serves the bytes,
 //!   they are verified against the pinned digest, and a mirror that fails or
@@ -48,14 +48,14 @@ use reqwest::header::{
 use reqwest::{Method, StatusCode};
 use tokio::sync::{Mutex, OnceCell};
 
-use crate::auth::{self, Challenge, Token};
-use crate::blobstore::{BlobStore, BlobWriter, Claim, Growing};
-use crate::credentials::{self, Credentials};
-use crate::digest::Digest;
+use crate::blobs::store::{BlobStore, BlobWriter, Claim, Growing};
 use crate::error::{Error, Result};
-use crate::manifest::{Descriptor, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES};
-use crate::progress::Reporter;
-use crate::reference::{DOCKER_HUB_API_HOST, ImageRef};
+use crate::oci::digest::Digest;
+use crate::oci::manifest::{Descriptor, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES};
+use crate::oci::reference::{DOCKER_HUB_API_HOST, ImageRef};
+use crate::registry::auth::{self, Challenge, Token};
+use crate::registry::credentials::{self, Credentials};
+use crate::ui::progress::Reporter;
 
 const USER_AGENT: &str = concat!("hydrafy/", env!("CARGO_PKG_VERSION"));
 /// The largest token-service answer read (Docker Hub's are a few KB).
@@ -1174,7 +1174,7 @@ mod tests {
         let reg = Registry::new(
             &image,
             &opts,
-            Arc::new(crate::progress::Recorder::default()),
+            Arc::new(crate::ui::progress::Recorder::default()),
         )
         .unwrap();
         assert_eq!(
@@ -1189,7 +1189,7 @@ mod tests {
         let reg = Registry::new(
             &image,
             &opts,
-            Arc::new(crate::progress::Recorder::default()),
+            Arc::new(crate::ui::progress::Recorder::default()),
         )
         .unwrap();
         assert_eq!(

@@ -7,14 +7,16 @@
 //! registry; [`finish_resolve`] is the part every source shares (`extract`
 //! reads the same JSON from a file).
 
-use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::manifest::{self, Compression, ImageConfig, ImageManifest, MAX_CONFIG_BYTES, Manifest};
-use crate::platform::Platform;
-use crate::progress::Reporter;
-use crate::reference::ImageRef;
-use crate::registry::Registry;
-use crate::state::{ImageRecord, StoreLayer};
+use crate::oci::digest::Digest;
+use crate::oci::manifest::{
+    self, Compression, ImageConfig, ImageManifest, MAX_CONFIG_BYTES, Manifest,
+};
+use crate::oci::platform::Platform;
+use crate::oci::reference::ImageRef;
+use crate::registry::client::Registry;
+use crate::seed::state::{ImageRecord, StoreLayer};
+use crate::ui::progress::Reporter;
 
 /// An image whose manifest chain has been fetched (or read) and verified.
 #[derive(Clone, Debug)]

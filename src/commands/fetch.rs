@@ -4,33 +4,33 @@
 //! and inspected first, so that a no-op (DIR already holds the pinned image)
 //! costs no network at all and a refusal comes before any download. Then the
 //! manifest chain is fetched and verified (index, platform manifest, config,
-//! see [`crate::resolve`]), and only then do blobs move: downloads run
+//! see [`crate::oci::resolve`]), and only then do blobs move: downloads run
 //! concurrently into the content-addressed cache while the unpack pipeline
 //! applies the layers in order into a staging folder as soon as each is there
-//! ([`crate::download`]). DIR changes only at the end, after every digest and
-//! diff_id matched ([`crate::publish`]).
+//! ([`crate::blobs::download`]). DIR changes only at the end, after every digest and
+//! diff_id matched ([`crate::seed::publish`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::apply::{Applier, ApplyOptions};
-use crate::blobstore::BlobStore;
-use crate::cancel::Cancel;
-use crate::download::unpack_from_registry;
+use crate::blobs::download::unpack_from_registry;
+use crate::blobs::store::BlobStore;
 use crate::error::{Error, Result};
-use crate::output::{Existing, Holding, OutputDir};
-use crate::platform::Platform;
-use crate::progress::Reporter;
-use crate::publish::{
+use crate::oci::platform::Platform;
+use crate::oci::reference::ImageRef;
+use crate::registry::client::{Registry, RegistryOptions};
+use crate::seed::output::{Existing, Holding, OutputDir};
+use crate::seed::publish::{
     SkipPlan, Unpacked, already_holds, check_merge, finish_output, without_skips,
 };
-use crate::reference::ImageRef;
-use crate::registry::{Registry, RegistryOptions};
-use crate::state::Layout;
+use crate::seed::state::Layout;
+use crate::ui::cancel::Cancel;
+use crate::ui::progress::Reporter;
+use crate::unpack::apply::{Applier, ApplyOptions};
 
-pub use crate::publish::Summary;
-pub use crate::resolve::{FinishResolve, ResolvedImage, finish_resolve, resolve};
+pub use crate::oci::resolve::{FinishResolve, ResolvedImage, finish_resolve, resolve};
+pub use crate::seed::publish::Summary;
 
 /// Everything `fetch` needs to know.
 #[derive(Clone, Debug)]

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::nixhash::NixHash;
+use crate::nix::hash::NixHash;
 
 /// The first string of every NAR.
 const MAGIC: &[u8] = b"nix-archive-1";

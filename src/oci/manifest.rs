@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::platform::Platform;
+use crate::oci::digest::Digest;
+use crate::oci::platform::Platform;
 
 /// Media types hydrafy knows.
 pub mod media {

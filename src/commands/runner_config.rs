@@ -25,7 +25,7 @@ use serde::Serialize;
 use toml_edit::{Array, DocumentMut, Item, Table, TableLike, Value};
 
 use crate::error::{Error, Result};
-use crate::progress::Reporter;
+use crate::ui::progress::Reporter;
 
 /// Where the seed's two folders appear inside job containers.
 const MOUNTS: [(&str, &str); 2] = [

@@ -22,9 +22,9 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{FlockOperation, flock};
 
-use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result};
-use crate::manifest::Descriptor;
+use crate::oci::digest::{Digest, Hasher};
+use crate::oci::manifest::Descriptor;
 
 /// A directory of blobs named by digest.
 #[derive(Clone, Debug)]

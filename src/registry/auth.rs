@@ -20,7 +20,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::credentials::Credentials;
+use crate::registry::credentials::Credentials;
 
 /// When a token response has no `expires_in` (the distribution token spec).
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);

@@ -20,15 +20,15 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result};
-use crate::manifest::{
+use crate::oci::digest::{Digest, Hasher};
+use crate::oci::manifest::{
     self, Compression, Descriptor, ImageManifest, MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, Manifest,
 };
-use crate::platform::Platform;
-use crate::progress::Reporter;
-use crate::resolve::{FinishResolve, ResolvedImage, finish_resolve};
-use crate::unpack::LayerInput;
+use crate::oci::platform::Platform;
+use crate::oci::resolve::{FinishResolve, ResolvedImage, finish_resolve};
+use crate::ui::progress::Reporter;
+use crate::unpack::pipeline::LayerInput;
 
 /// The annotation that names an image in `index.json`.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -206,7 +206,7 @@ impl Files {
 }
 
 fn clean(name: &[u8]) -> String {
-    crate::fsroot::normalize(name)
+    crate::unpack::fsroot::normalize(name)
         .to_string_lossy()
         .into_owned()
 }

@@ -1,0 +1,8 @@
+//! Nix's own formats and rules: NAR serialisation, hash notations, the
+//! database (reading it, merging into it, its locks), and checking a store
+//! against it as `nix-store --verify --check-contents` does.
+
+pub mod db;
+pub mod hash;
+pub mod nar;
+pub mod verify;
