@@ -24,7 +24,7 @@ use crate::oci::resolve::ResolvedImage;
 use crate::registry::client::Registry;
 use crate::ui::cancel::Cancel;
 use crate::ui::progress::Reporter;
-use crate::unpack::apply::{Applier, ApplyStats};
+use crate::unpack::apply::{Applier, ApplyStats, EntryFilter};
 use crate::unpack::pipeline::{self, LayerInput};
 
 /// Download the image's layers into `store` and unpack them onto `rootfs`,
@@ -38,17 +38,17 @@ use crate::unpack::pipeline::{self, LayerInput};
 /// [`Error::SourceReplaced`], for the caller to unpack again without
 /// following.
 #[allow(clippy::too_many_arguments)]
-pub async fn unpack_from_registry(
+pub async fn unpack_from_registry<F: EntryFilter + Send + 'static>(
     registry: Arc<Registry>,
     resolved: &ResolvedImage,
     store: &BlobStore,
-    mut applier: Applier,
+    mut applier: Applier<F>,
     skip_layers: &[bool],
     jobs: usize,
     follow: bool,
     reporter: &Arc<dyn Reporter>,
     cancel: &Cancel,
-) -> Result<(ApplyStats, Vec<Option<Vec<String>>>, u64)> {
+) -> Result<(ApplyStats, F, u64)> {
     // A failed attempt stops its own decoder, not the run: the caller may retry.
     let run = cancel;
     let (cancel, _link) = cancel.attempt();
@@ -94,7 +94,7 @@ pub async fn unpack_from_registry(
     let mut unpack_task = tokio::task::spawn_blocking(move || {
         let result = pipeline::unpack(&mut applier, layers, &flag, &*unpack_reporter)
             .and_then(|()| applier.finish());
-        ((applier.stats().clone(), applier.take_layer_log()), result)
+        ((applier.stats().clone(), applier.into_filter()), result)
     });
     let mut downloads = AbortOnDropHandle::new(tokio::spawn(download_all(
         registry,

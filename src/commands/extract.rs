@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::oci::layout::Archive;
 use crate::oci::platform::Platform;
 use crate::oci::resolve::ResolvedImage;
+use crate::seed::layers::StoreLayers;
 use crate::seed::output::{Existing, OutputDir, Staging};
 use crate::seed::publish::{
     SkipPlan, Unpacked, already_holds, check_merge, finish_output, without_skips,
@@ -102,8 +103,8 @@ async fn unpack_archive(
 ) -> Result<Unpacked> {
     let layers = archive.layer_inputs(resolved, &plan.layers)?;
     reporter.layer_total(layers.len() as u64);
-    let mut applier = Applier::new(&staging.rootfs(), apply)?;
-    applier.skip_store_paths(plan.paths.clone());
+    let mut applier = Applier::new(&staging.rootfs(), apply)?
+        .with_filter(StoreLayers::skipping(plan.paths.clone()));
     // A failed attempt stops its own decoder, not the run: the caller may retry.
     let (cancel, _link) = cancel.attempt();
     applier.set_cancel(cancel.flag());
@@ -112,7 +113,11 @@ async fn unpack_archive(
     let (stats, log, result) = tokio::task::spawn_blocking(move || {
         let result = pipeline::unpack(&mut applier, layers, &flag, &*unpack_reporter)
             .and_then(|()| applier.finish());
-        (applier.stats().clone(), applier.take_layer_log(), result)
+        (
+            applier.stats().clone(),
+            applier.into_filter().take_log(),
+            result,
+        )
     })
     .await
     .expect("unpack thread panicked");

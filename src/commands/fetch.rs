@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::oci::platform::Platform;
 use crate::oci::reference::ImageRef;
 use crate::registry::client::{Registry, RegistryOptions};
+use crate::seed::layers::StoreLayers;
 use crate::seed::output::{Existing, Holding, OutputDir};
 use crate::seed::publish::{
     SkipPlan, Unpacked, already_holds, check_merge, finish_output, without_skips,
@@ -130,9 +131,9 @@ pub async fn fetch(
         let registry = Arc::clone(&registry);
         let (staging, resolved, store, reporter) = (&staging, &resolved, &store, &reporter);
         async move {
-            let mut applier = Applier::new(&staging.rootfs(), apply)?;
-            applier.skip_store_paths(plan.paths.clone());
-            let (stats, log, downloaded) = unpack_from_registry(
+            let applier = Applier::new(&staging.rootfs(), apply)?
+                .with_filter(StoreLayers::skipping(plan.paths.clone()));
+            let (stats, mut filter, downloaded) = unpack_from_registry(
                 registry,
                 resolved,
                 store,
@@ -145,7 +146,7 @@ pub async fn fetch(
             )
             .await?;
             Ok::<_, Error>(Unpacked {
-                store_layers: plan.store_layers(resolved, log),
+                store_layers: plan.store_layers(resolved, filter.take_log()),
                 stats,
                 downloaded,
             })

@@ -24,8 +24,8 @@
 //! names could take gigabytes. Identities cost a few bytes per directory on
 //! disk and per entry in the stream.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::ffi::{OsStr, OsString};
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -43,7 +43,8 @@ use crate::unpack::fsroot::{self, FsRoot, Id, Node, Step};
 /// The largest PAX record set or GNU long name accepted (1 MiB).
 pub const MAX_EXTENSION_BYTES: u64 = 1 << 20;
 
-const WHITEOUT_PREFIX: &[u8] = b".wh.";
+/// The name prefix of a whiteout entry (the OCI image spec's `.wh.`).
+pub const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 
 /// How layers are applied.
@@ -100,8 +101,34 @@ struct Extensions {
     sparse: bool,
 }
 
+/// What the caller keeps out of the root, and learns of each layer's entries.
+///
+/// The applier knows tar and the root, not what the tree means: a `--merge`
+/// into a Nix seed skips the store paths the seed already holds, and records
+/// which store paths each layer carried; that knowledge lives with the caller
+/// (see `seed::layers`).
+pub trait EntryFilter {
+    /// A new layer starts.
+    fn start_layer(&mut self) {}
+    /// Every entry of the current layer, in order, by its root-relative
+    /// path (whiteouts included), before it is applied or skipped.
+    fn note(&mut self, _rel: &Path) {}
+    /// Whether `rel` is not to be written. Its bytes are still read (and
+    /// hashed by the pipeline); a hard link into a skipped path fails with
+    /// [`Error::SkippedLinkTarget`].
+    fn skip(&self, _rel: &Path) -> bool {
+        false
+    }
+}
+
+/// Write everything, learn nothing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Unfiltered;
+
+impl EntryFilter for Unfiltered {}
+
 /// Applies layers, in order, onto one root.
-pub struct Applier {
+pub struct Applier<F = Unfiltered> {
     root: FsRoot,
     opts: ApplyOptions,
     /// Directory metadata to set at the end, by directory identity.
@@ -119,11 +146,7 @@ pub struct Applier {
     buf: Vec<u8>,
     stats: ApplyStats,
     warnings: Vec<String>,
-    /// Store paths (names under `nix/store`) not to write: a `--merge` target has them.
-    skip_store_paths: HashSet<OsString>,
-    /// Per applied layer: the store paths it holds, or `None` when it holds
-    /// anything else too (see [`Applier::take_layer_log`]).
-    layer_log: Vec<Option<BTreeSet<String>>>,
+    filter: F,
 }
 
 /// An open parent directory and its identity, shared by the entries in it.
@@ -210,68 +233,52 @@ impl Applier {
             buf: vec![0; 256 << 10],
             stats: ApplyStats::default(),
             warnings: Vec::new(),
-            skip_store_paths: HashSet::new(),
-            layer_log: Vec::new(),
+            filter: Unfiltered,
         })
+    }
+}
+
+impl<F: EntryFilter> Applier<F> {
+    /// The same applier, with `filter` deciding what is written.
+    pub fn with_filter<G: EntryFilter>(self, filter: G) -> Applier<G> {
+        let Applier {
+            root,
+            opts,
+            dirs,
+            root_id,
+            parent_cache,
+            umask,
+            owner,
+            cancel,
+            buf,
+            stats,
+            warnings,
+            filter: _,
+        } = self;
+        Applier {
+            root,
+            opts,
+            dirs,
+            root_id,
+            parent_cache,
+            umask,
+            owner,
+            cancel,
+            buf,
+            stats,
+            warnings,
+            filter,
+        }
+    }
+
+    /// The filter, with what it learned.
+    pub fn into_filter(self) -> F {
+        self.filter
     }
 
     /// Stop between entries once `flag` is set.
     pub fn set_cancel(&mut self, flag: Arc<AtomicBool>) {
         self.cancel = Some(flag);
-    }
-
-    /// Do not write the store paths named here (`HASH-NAME` under
-    /// `nix/store`): the seed a `--merge` goes into already holds them. Their
-    /// entries are still read (and hashed by the pipeline), just not written.
-    pub fn skip_store_paths(&mut self, names: HashSet<OsString>) {
-        self.skip_store_paths = names;
-    }
-
-    /// Is `rel` inside a store path that is not to be written?
-    fn skipped(&self, rel: &Path) -> bool {
-        if self.skip_store_paths.is_empty() {
-            return false;
-        }
-        let mut parts = rel.components().map(|c| c.as_os_str());
-        parts.next() == Some(OsStr::new("nix"))
-            && parts.next() == Some(OsStr::new("store"))
-            && parts
-                .next()
-                .is_some_and(|name| self.skip_store_paths.contains(name))
-    }
-
-    /// For each layer applied so far, in order: the store paths (`HASH-NAME`)
-    /// it holds when it holds nothing but store paths, else `None`. A later
-    /// `--merge` can skip such a layer outright when the seed has them all.
-    pub fn take_layer_log(&mut self) -> Vec<Option<Vec<String>>> {
-        std::mem::take(&mut self.layer_log)
-            .into_iter()
-            .map(|l| l.map(|set| set.into_iter().collect()))
-            .collect()
-    }
-
-    /// Note which store path (if any) `rel` belongs to, for the layer log.
-    fn log_store_path(&mut self, rel: &Path) {
-        let Some(Some(paths)) = self.layer_log.last_mut() else {
-            return;
-        };
-        let parts: Vec<&OsStr> = rel.components().map(|c| c.as_os_str()).collect();
-        let whiteout = parts
-            .iter()
-            .any(|p| p.as_bytes().starts_with(WHITEOUT_PREFIX));
-        let only_store = match parts.as_slice() {
-            [] => true,
-            [nix] => *nix == "nix",
-            [nix, store] => *nix == "nix" && *store == "store",
-            [nix, store, name, ..] if *nix == "nix" && *store == "store" && !whiteout => {
-                paths.insert(name.to_string_lossy().into_owned());
-                true
-            }
-            _ => false,
-        };
-        if !only_store || whiteout {
-            *self.layer_log.last_mut().expect("a layer is being applied") = None;
-        }
     }
 
     /// Totals over all layers so far.
@@ -291,7 +298,7 @@ impl Applier {
     pub fn apply_layer<R: Read>(&mut self, layer: &str, reader: R) -> Result<()> {
         let mut archive = tar::Archive::new(reader);
         let mut written = Written::default();
-        self.layer_log.push(Some(BTreeSet::new()));
+        self.filter.start_layer();
         let skipped_before = self.stats.skipped_special;
         self.parent_cache = None;
         {
@@ -383,8 +390,8 @@ impl Applier {
             ));
         }
         let rel = fsroot::normalize(name);
-        self.log_store_path(&rel);
-        if self.skipped(&rel) {
+        self.filter.note(&rel);
+        if self.filter.skip(&rel) {
             return Ok(());
         }
         let io_err = |action: &'static str| {
@@ -540,7 +547,7 @@ impl Applier {
                     .link
                     .or_else(|| header.link_name_bytes().map(|l| l.into_owned()))
                     .ok_or_else(|| refuse("a hard link with no target"))?;
-                if self.skipped(&fsroot::normalize(&target)) {
+                if self.filter.skip(&fsroot::normalize(&target)) {
                     return Err(Error::SkippedLinkTarget {
                         layer: layer.to_string(),
                         entry: shown.clone(),

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::oci::digest::{Digest, Hasher, HashingReader};
 use crate::oci::manifest::{Compression, Descriptor};
 use crate::ui::progress::Reporter;
-use crate::unpack::apply::Applier;
+use crate::unpack::apply::{Applier, EntryFilter};
 use crate::unpack::decompress;
 
 const CHUNK: usize = 256 << 10;
@@ -45,8 +45,8 @@ enum Msg {
 }
 
 /// Unpack `layers` in order onto the applier's root.
-pub fn unpack(
-    applier: &mut Applier,
+pub fn unpack<F: EntryFilter>(
+    applier: &mut Applier<F>,
     layers: Vec<LayerInput>,
     cancel: &Arc<AtomicBool>,
     reporter: &dyn Reporter,
@@ -69,8 +69,8 @@ pub fn unpack(
     })
 }
 
-fn apply_all(
-    applier: &mut Applier,
+fn apply_all<F: EntryFilter>(
+    applier: &mut Applier<F>,
     labels: &[String],
     rx: Receiver<Msg>,
     free: Sender<Vec<u8>>,
