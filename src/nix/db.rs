@@ -56,6 +56,7 @@ use rustix::fs::FlockOperation;
 
 use crate::error::{Error, Result};
 use crate::nix::hash::NixHash;
+use crate::nix::store_path::{STORE_PREFIX, StorePath};
 use crate::ui::progress::Reporter;
 use crate::unpack::fsroot;
 
@@ -68,9 +69,6 @@ pub const STORE_DIR: &str = "nix/store";
 
 /// Where the database is, relative to a seed or image root.
 pub const DB_DIR: &str = "nix/var/nix/db";
-
-/// The store directory as store paths name it.
-pub const STORE_PREFIX: &str = "/nix/store/";
 
 /// How long a write waits for jobs' Nix processes to finish their own
 /// transactions. Theirs take milliseconds; minutes mean something is stuck.
@@ -121,6 +119,11 @@ impl Snapshot {
     /// The valid path `path` (`/nix/store/...`), if registered.
     pub fn get(&self, path: &str) -> Option<&PathInfo> {
         self.by_path.get(path).map(|&i| &self.paths[i])
+    }
+
+    /// The registered path whose directory in `nix/store` is `name`.
+    pub fn get_name(&self, name: &str) -> Option<&PathInfo> {
+        self.get(&format!("{STORE_PREFIX}{name}"))
     }
 
     /// The position of `path` in [`Snapshot::paths`], if registered.
@@ -272,28 +275,9 @@ fn all_rows<T>(
 }
 
 /// Is `path` a store path hydrafy may turn into a file name under
-/// `nix/store`: `/nix/store/` + 32 nix32 characters + `-` + a name of the
-/// characters Nix allows? Refusing anything else keeps a hostile database
-/// from naming `..` or a path outside the store.
+/// `nix/store` (see [`StorePath`])?
 pub fn is_store_path(path: &str) -> bool {
-    let Some(base) = path.strip_prefix(STORE_PREFIX) else {
-        return false;
-    };
-    let Some((hash, name)) = base.split_at_checked(32) else {
-        return false;
-    };
-    let Some(name) = name.strip_prefix('-') else {
-        return false;
-    };
-    hash.bytes()
-        .all(|c| b"0123456789abcdfghijklmnpqrsvwxyz".contains(&c))
-        && !name.is_empty()
-        && name.len() <= 211
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))
-        && name != "."
-        && name != ".."
+    StorePath::parse(path).is_some()
 }
 
 /// A shared `flock` on `DIR/nix/var/nix/db/big-lock`, as every Nix process
@@ -487,7 +471,7 @@ impl Merge {
         let mut kept_locks = Vec::with_capacity(candidates.len());
         for (name, lock) in candidates.into_iter().zip(locks) {
             let info = image_snap
-                .get(&format!("{STORE_PREFIX}{name}"))
+                .get_name(&name)
                 .ok_or_else(|| internal(seed, "planned path vanished from the image snapshot"))?;
             match query_hash(&seed_conn, seed, &info.path)? {
                 None => {
@@ -524,7 +508,7 @@ impl Merge {
     pub fn missing_bytes(&self) -> u64 {
         self.missing
             .iter()
-            .filter_map(|n| self.image_snap.get(&format!("{STORE_PREFIX}{n}")))
+            .filter_map(|n| self.image_snap.get_name(n))
             .filter_map(|p| p.nar_size)
             .map(|s| s.max(0) as u64)
             .sum()

@@ -5,4 +5,5 @@
 pub mod db;
 pub mod hash;
 pub mod nar;
+pub mod store_path;
 pub mod verify;

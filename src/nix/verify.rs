@@ -31,8 +31,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::nix::db::{self, PathInfo, STORE_DIR, STORE_PREFIX, Snapshot};
+use crate::nix::db::{self, PathInfo, STORE_DIR, Snapshot};
 use crate::nix::nar::{self, NarError};
+use crate::nix::store_path::StorePath;
 use crate::ui::progress::Reporter;
 
 /// What to verify.
@@ -229,7 +230,9 @@ fn select(snap: &Snapshot, wanted: &[String], dir: &Path) -> Result<Vec<usize>> 
                 "is not a store path; give /nix/store/<hash>-<name> or <hash>-<name>",
             )
         })?;
-        let path = format!("{STORE_PREFIX}{name}");
+        let path = StorePath::from_name(name)
+            .expect("store_name_of validated it")
+            .full();
         let index = snap
             .index_of(&path)
             .ok_or_else(|| {
@@ -257,7 +260,7 @@ fn store_name_of(arg: &str) -> Option<&str> {
         Some((parent, name)) if parent == "/nix/store" || parent.ends_with("nix/store") => name,
         Some(_) => return None,
     };
-    db::is_store_path(&format!("{STORE_PREFIX}{name}")).then_some(name)
+    StorePath::from_name(name).is_some().then_some(name)
 }
 
 fn check_references(
@@ -401,7 +404,7 @@ fn unregistered(snap: &Snapshot, store: &Path) -> Result<Vec<String>> {
         if name == ".links" || name.ends_with(".lock") {
             continue;
         }
-        if snap.get(&format!("{STORE_PREFIX}{name}")).is_none() {
+        if snap.get_name(&name).is_none() {
             out.push(name);
         }
     }
