@@ -61,7 +61,8 @@ pub async fn fetch(
     check_merge(opts.existing, layout)?;
     let out = OutputDir::open(&opts.output, &*reporter)?;
     if let Some(digest) = image.digest
-        && let Some(summary) = already_holds(&out, layout, &digest, &platform, start)?
+        && let Some(summary) =
+            already_holds(&out, opts.existing, layout, &digest, &platform, start)?
     {
         reporter.info(&format!(
             "{} already holds {image}; nothing to do",
@@ -82,7 +83,8 @@ pub async fn fetch(
             () = cancel.cancelled() => return Err(Error::Interrupted),
         };
         if let Some(digest) = head
-            && let Some(summary) = already_holds(&out, layout, &digest, &platform, start)?
+            && let Some(summary) =
+                already_holds(&out, opts.existing, layout, &digest, &platform, start)?
         {
             reporter.warn(&format!(
                 "{image} is not pinned; it points at {digest}; pin it as {} so every runner gets the same store",
@@ -107,8 +109,14 @@ pub async fn fetch(
             resolved.top_digest,
             image.pinned(resolved.top_digest)
         ));
-        if let Some(summary) = already_holds(&out, layout, &resolved.top_digest, &platform, start)?
-        {
+        if let Some(summary) = already_holds(
+            &out,
+            opts.existing,
+            layout,
+            &resolved.top_digest,
+            &platform,
+            start,
+        )? {
             reporter.info(&format!(
                 "{} already holds it; nothing to do",
                 out.dir().display()

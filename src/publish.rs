@@ -232,16 +232,12 @@ fn merge_or_publish(
     // unregistered, which Nix ignores. Then one transaction registers them.
     merge.install()?;
     let summary = merge.commit()?;
-    let state = match out.holding() {
-        Holding::State(state) => {
-            let mut state = state.clone();
-            state.images.push(record);
-            state
-        }
-        // From now on DIR is a seed hydrafy knows: it holds this image.
-        Holding::Foreign | Holding::Nothing => State::new(Layout::Nix, record),
+    // From now on DIR is a seed hydrafy knows, holding this image among others.
+    let prior = match out.holding() {
+        Holding::State(state) => Some(state),
+        Holding::Foreign | Holding::Nothing => None,
     };
-    state.write(out.dir())?;
+    State::merged(prior, record).write(out.dir())?;
     drop(staging);
     Ok(Some(summary))
 }
@@ -308,9 +304,13 @@ fn summary_of(
     }
 }
 
-/// The no-op check: does DIR already hold the image `digest` pins?
+/// The no-op check: does DIR already hold the image `digest` pins, as
+/// `existing` asks? Holding it among others is enough, except for
+/// `--replace`, which promises DIR becomes exactly the image: that is a no-op
+/// only when DIR holds the image and nothing else ([`State::find_exact`]).
 pub fn already_holds(
     out: &OutputDir,
+    existing: Existing,
     layout: Layout,
     digest: &Digest,
     platform: &Platform,
@@ -319,10 +319,18 @@ pub fn already_holds(
     let Holding::State(state) = out.holding() else {
         return Ok(None);
     };
-    let Some(record) = state.find(layout, digest, platform) else {
+    let held = match existing {
+        Existing::Replace => state.find_exact(layout, digest, platform),
+        Existing::Refuse | Existing::Merge => state.find(layout, digest, platform),
+    };
+    let Some(record) = held else {
         return Ok(None);
     };
     if !output::looks_complete(out.dir(), layout) {
+        if existing == Existing::Replace {
+            // What --replace is for: the run rebuilds it.
+            return Ok(None);
+        }
         return Err(Error::Output {
             dir: out.dir().to_path_buf(),
             reason: format!(
