@@ -57,11 +57,6 @@ pub async fn extract(
         &platform,
         start,
     )? {
-        reporter.info(&format!(
-            "{} already holds {}; nothing to do",
-            out.dir().display(),
-            resolved.name
-        ));
         return Ok(summary);
     }
     out.check_overwrite(opts.existing, &resolved.name)?;

@@ -64,10 +64,6 @@ pub async fn fetch(
         && let Some(summary) =
             already_holds(&out, opts.existing, layout, &digest, &platform, start)?
     {
-        reporter.info(&format!(
-            "{} already holds {image}; nothing to do",
-            out.dir().display()
-        ));
         return Ok(summary);
     }
     let mut registry = Registry::new(&image, &opts.registry, Arc::clone(&reporter))?;
@@ -89,10 +85,6 @@ pub async fn fetch(
             reporter.warn(&format!(
                 "{image} is not pinned; it points at {digest}; pin it as {} so every runner gets the same store",
                 image.pinned(digest)
-            ));
-            reporter.info(&format!(
-                "{} already holds it; nothing to do",
-                out.dir().display()
             ));
             return Ok(summary);
         }
@@ -117,10 +109,6 @@ pub async fn fetch(
             &platform,
             start,
         )? {
-            reporter.info(&format!(
-                "{} already holds it; nothing to do",
-                out.dir().display()
-            ));
             return Ok(summary);
         }
     }

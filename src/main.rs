@@ -9,7 +9,9 @@ use hydrafy::cache;
 use hydrafy::cancel::Cancel;
 use hydrafy::cli::{CacheAction, Cli, Command};
 use hydrafy::error::{report, sanitize};
+use hydrafy::fetch::Summary;
 use hydrafy::progress::{Progress, Reporter, Style};
+use hydrafy::pull::PullSummary;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -39,7 +41,7 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
                 Ok(opts) => hydrafy::fetch::fetch(&opts, progress.clone(), &cancel).await,
                 Err(e) => Err(e),
             };
-            finish_reported(result, &progress, args.report.json)
+            finish_reported(result, &progress, args.report.json, Summary::line)
         }
         Command::Pull(args) => {
             let progress = reporter(&args.report);
@@ -47,7 +49,7 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
                 Ok(opts) => hydrafy::pull::pull(&opts, progress.clone(), &cancel).await,
                 Err(e) => Err(e),
             };
-            finish_reported(result, &progress, args.report.json)
+            finish_reported(result, &progress, args.report.json, PullSummary::line)
         }
         Command::Extract(args) => {
             let progress = reporter(&args.report);
@@ -55,7 +57,7 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
                 Ok(opts) => hydrafy::extract::extract(&opts, progress.clone(), &cancel).await,
                 Err(e) => Err(e),
             };
-            finish_reported(result, &progress, args.report.json)
+            finish_reported(result, &progress, args.report.json, Summary::line)
         }
         Command::Cache(args) => {
             let action = match args.action {
@@ -130,13 +132,19 @@ fn reporter(report: &hydrafy::cli::ReportArgs) -> Arc<Progress> {
     Arc::new(Progress::new(Style::detect(report.quiet)))
 }
 
-/// Clear the progress display, then print the outcome.
+/// Clear the progress display, then print the outcome: on success, one last
+/// line on stderr saying what the run did (even with `--json`, whose object
+/// goes to stdout; not with `--quiet`).
 fn finish_reported<T: serde::Serialize>(
     result: hydrafy::Result<T>,
     progress: &Progress,
     json: bool,
+    line: fn(&T) -> String,
 ) -> u8 {
-    progress.finish();
+    match &result {
+        Ok(summary) => progress.conclude(&line(summary)),
+        Err(_) => progress.finish(),
+    }
     finish(result, json)
 }
 

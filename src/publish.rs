@@ -47,6 +47,79 @@ pub struct Summary {
     /// For `--merge` into a seed: the store paths added and how many were there already.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeSummary>,
+    /// The store paths in DIR's store after the run; `None` for `--rootfs`
+    /// and for a run that changed nothing. For [`Summary::line`] only: the
+    /// `--json` object keeps its fields.
+    #[serde(skip)]
+    pub store_paths: Option<u64>,
+    /// DIR was absent or empty before the run, so the line shows the next step.
+    #[serde(skip)]
+    pub first: bool,
+}
+
+/// What to run after the first fetch into DIR, shown at the end of that run.
+const NEXT_STEP: &str =
+    "hydrafy runner-config --config /etc/gitlab-runner/config.toml --nix-backup";
+
+impl Summary {
+    /// The line a finished run ends with: what DIR holds now (image, store
+    /// paths, bytes and files written), how long the run took, and, when DIR
+    /// was new and holds a seed, the next step.
+    pub fn line(&self) -> String {
+        let dir = self.output.display();
+        let image = format!("{} ({})", self.image, self.platform);
+        if self.unchanged {
+            return format!("{dir} already holds {image}; nothing to do");
+        }
+        let written = format!(
+            "{:.1} MB in {} {}",
+            self.bytes_written as f64 / 1e6,
+            self.files,
+            plural(self.files, "file")
+        );
+        let took = format!("in {:.1} s", self.seconds);
+        let Some(paths) = self.store_paths else {
+            return format!("{dir} now holds the filesystem of {image}: {written}, {took}");
+        };
+        let mut line = match &self.merge {
+            Some(merge) => format!(
+                "{dir} now holds {paths} {}: merged {image}, {} new ({written}), {} already there, {took}",
+                plural(paths, "store path"),
+                merge.added.len(),
+                merge.already_present
+            ),
+            None => format!(
+                "{dir} now holds {image}: {paths} {}, {written}, {took}",
+                plural(paths, "store path")
+            ),
+        };
+        if self.first {
+            line.push_str(&format!(
+                "; next: {NEXT_STEP} {}",
+                shell_word(&dir.to_string())
+            ));
+        }
+        line
+    }
+}
+
+/// `noun`, with an `s` unless there is one.
+fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        noun.to_string()
+    } else {
+        format!("{noun}s")
+    }
+}
+
+/// `word` as the shell reads it back: as it is when that is safe, else in single quotes.
+fn shell_word(word: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+:=@%,".contains(c);
+    if !word.is_empty() && word.chars().all(safe) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
 }
 
 /// What unpacking left in the staging root.
@@ -179,12 +252,18 @@ pub fn finish_output(
     cancel: &Cancel,
     start: Instant,
 ) -> Result<Summary> {
+    let first = matches!(out.holding(), Holding::Nothing);
     let merged = merge_or_publish(
         out, staging, layout, resolved, unpacked, merging, reporter, cancel,
     )?;
     reporter.finish();
     let mut summary = summary_of(resolved, out, &unpacked.stats, unpacked.downloaded, start);
     summary.merge = merged;
+    summary.first = first;
+    summary.store_paths = match layout {
+        Layout::Nix => Some(output::store_path_count(out.dir())),
+        Layout::Rootfs => None,
+    };
     Ok(summary)
 }
 
@@ -301,6 +380,8 @@ fn summary_of(
         output: out.dir().to_path_buf(),
         unchanged: false,
         merge: None,
+        store_paths: None,
+        first: false,
     }
 }
 
@@ -353,5 +434,7 @@ pub fn already_holds(
         output: out.dir().to_path_buf(),
         unchanged: true,
         merge: None,
+        store_paths: None,
+        first: false,
     }))
 }
