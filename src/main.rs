@@ -102,7 +102,24 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
                 Err(e) => finish::<()>(Err(e), false),
             }
         }
+        Command::Completions(args) => {
+            print_bytes(&hydrafy::cli::completions(args.shell));
+            0
+        }
+        Command::Man(args) => match hydrafy::cli::man_page(args.command.as_deref()) {
+            Ok(page) => {
+                print_bytes(&page);
+                0
+            }
+            Err(e) => finish::<()>(Err(e), false),
+        },
     }
+}
+
+/// Write `bytes` to stdout as they are; a closed pipe is not an error.
+fn print_bytes(bytes: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(bytes).and_then(|()| out.flush());
 }
 
 /// Print `text` (and a newline) on stdout unless empty; a closed pipe is not an error.
