@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::blobs::store::BlobStore;
 use crate::commands::extract::ExtractOptions;
@@ -74,6 +74,64 @@ pub enum Command {
     /// runner in gitlab-runner's config.toml. Shows a diff; --write applies it.
     #[command(after_help = RUNNER_CONFIG_EXIT_CODES)]
     RunnerConfig(RunnerConfigArgs),
+    /// Print a completion script for SHELL on stdout, e.g.
+    /// `hydrafy completions bash > /etc/bash_completion.d/hydrafy`.
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff) on stdout, e.g.
+    /// `hydrafy man > /usr/local/share/man/man1/hydrafy.1`; with COMMAND, that
+    /// command's page (hydrafy-COMMAND.1).
+    Man(ManArgs),
+}
+
+/// `hydrafy completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// `hydrafy man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// The command whose page to print (default: hydrafy's own, which lists them all).
+    #[arg(value_name = "COMMAND")]
+    pub command: Option<String>,
+}
+
+/// The completion script for `shell`.
+pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "hydrafy", &mut script);
+    script
+}
+
+/// The man page of hydrafy, or of one of its commands (`fetch`, `cache du`).
+pub fn man_page(command: Option<&str>) -> Result<Vec<u8>> {
+    let mut cmd = Cli::command();
+    cmd.build();
+    for name in command.iter().flat_map(|c| c.split_whitespace()) {
+        let names: Vec<String> = cmd
+            .get_subcommands()
+            .map(|s| s.get_name().to_string())
+            .collect();
+        cmd = cmd.find_subcommand(name).cloned().ok_or_else(|| {
+            Error::invalid(
+                "command",
+                name,
+                format!(
+                    "hydrafy has no such command; choose one of: {}",
+                    names.join(", ")
+                ),
+            )
+        })?;
+    }
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd)
+        .source(format!("hydrafy {}", env!("CARGO_PKG_VERSION")))
+        .render(&mut page)
+        .map_err(|e| Error::io("<man page>", "cannot render the man page", e))?;
+    Ok(page)
 }
 
 /// `hydrafy pull`.

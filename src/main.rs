@@ -7,6 +7,8 @@ use std::sync::Arc;
 use clap::Parser;
 use hydrafy::cli::{CacheAction, Cli, Command};
 use hydrafy::commands::cache;
+use hydrafy::commands::fetch::Summary;
+use hydrafy::commands::pull::PullSummary;
 use hydrafy::error::{report, sanitize};
 use hydrafy::ui::cancel::Cancel;
 use hydrafy::ui::progress::{Progress, Reporter, Style};
@@ -39,7 +41,7 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
                 Ok(opts) => hydrafy::commands::fetch::fetch(&opts, progress.clone(), &cancel).await,
                 Err(e) => Err(e),
             };
-            finish_reported(result, &progress, args.report.json)
+            finish_reported(result, &progress, args.report.json, Summary::line)
         }
         Command::Pull(args) => {
             let progress = reporter(&args.report);
@@ -47,7 +49,7 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
                 Ok(opts) => hydrafy::commands::pull::pull(&opts, progress.clone(), &cancel).await,
                 Err(e) => Err(e),
             };
-            finish_reported(result, &progress, args.report.json)
+            finish_reported(result, &progress, args.report.json, PullSummary::line)
         }
         Command::Extract(args) => {
             let progress = reporter(&args.report);
@@ -57,7 +59,7 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
                 }
                 Err(e) => Err(e),
             };
-            finish_reported(result, &progress, args.report.json)
+            finish_reported(result, &progress, args.report.json, Summary::line)
         }
         Command::Cache(args) => {
             let action = match args.action {
@@ -102,7 +104,24 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
                 Err(e) => finish::<()>(Err(e), false),
             }
         }
+        Command::Completions(args) => {
+            print_bytes(&hydrafy::cli::completions(args.shell));
+            0
+        }
+        Command::Man(args) => match hydrafy::cli::man_page(args.command.as_deref()) {
+            Ok(page) => {
+                print_bytes(&page);
+                0
+            }
+            Err(e) => finish::<()>(Err(e), false),
+        },
     }
+}
+
+/// Write `bytes` to stdout as they are; a closed pipe is not an error.
+fn print_bytes(bytes: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(bytes).and_then(|()| out.flush());
 }
 
 /// Print `text` (and a newline) on stdout unless empty; a closed pipe is not an error.
@@ -132,13 +151,19 @@ fn reporter(report: &hydrafy::cli::ReportArgs) -> Arc<Progress> {
     Arc::new(Progress::new(Style::detect(report.quiet)))
 }
 
-/// Clear the progress display, then print the outcome.
+/// Clear the progress display, then print the outcome: on success, one last
+/// line on stderr saying what the run did (even with `--json`, whose object
+/// goes to stdout; not with `--quiet`).
 fn finish_reported<T: serde::Serialize>(
     result: hydrafy::Result<T>,
     progress: &Progress,
     json: bool,
+    line: fn(&T) -> String,
 ) -> u8 {
-    progress.finish();
+    match &result {
+        Ok(summary) => progress.conclude(&line(summary)),
+        Err(_) => progress.finish(),
+    }
     finish(result, json)
 }
 

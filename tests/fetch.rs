@@ -980,3 +980,136 @@ fn a_large_layer_is_unpacked_while_it_is_still_downloading() {
         vec![199u8; 64 << 10]
     );
 }
+
+/// The last line of stderr.
+fn last_line(out: &Output) -> String {
+    stderr(out).lines().last().unwrap_or("").to_string()
+}
+
+/// `line` says how long the run took: `... in 1.2 s` somewhere in it.
+fn says_how_long(line: &str) -> bool {
+    line.split(" in ").skip(1).any(|rest| {
+        rest.split_once(" s")
+            .is_some_and(|(n, _)| n.parse::<f64>().is_ok())
+    })
+}
+
+const NEXT_STEP: &str =
+    "hydrafy runner-config --config /etc/gitlab-runner/config.toml --nix-backup";
+
+/// The bug: on a terminal the bars cleared and the run ended silently; off
+/// one the last line was a progress line. Now one line says what DIR holds.
+#[test]
+fn a_finished_run_ends_with_one_line_saying_what_dir_holds() {
+    let reg = Registry::start();
+    let a = seed_image(&reg, "nixos/nix", "a", "aaaa");
+    let b = seed_image(&reg, "nixos/nix", "b", "bbbb");
+    let env = TestEnv::new();
+
+    // A first fetch into a new DIR: what it holds, how long, and the next step.
+    let out = env.run(&["fetch", "--plain-http", &a.reference]);
+    assert_ok(&out);
+    let line = last_line(&out);
+    for needle in [
+        "hydrafy: nix-backup now holds",
+        a.reference.as_str(),
+        "1 store path,",
+        &format!("next: {NEXT_STEP} nix-backup"),
+    ] {
+        assert!(line.contains(needle), "last line lacks {needle:?}: {line}");
+    }
+    assert!(says_how_long(&line), "{line}");
+
+    // The same again: one line says there was nothing to do.
+    let out = env.run(&["fetch", "--plain-http", &a.reference]);
+    assert_ok(&out);
+    let line = last_line(&out);
+    assert!(
+        line.contains("nix-backup already holds") && line.contains("nothing to do"),
+        "{line}"
+    );
+    assert!(!line.contains(NEXT_STEP), "{line}");
+
+    // --quiet drops it.
+    let out = env.run(&["fetch", "--plain-http", &b.reference, "--replace", "-q"]);
+    assert_ok(&out);
+    assert_eq!(stderr(&out), "", "--quiet prints nothing on success");
+
+    // --json keeps stdout for the JSON object; the line is on stderr, and DIR
+    // was not new, so there is no next step.
+    let out = env.run(&["fetch", "--plain-http", &a.reference, "--replace", "--json"]);
+    assert_ok(&out);
+    let summary = json(&out);
+    assert_eq!(summary["image"], a.reference.as_str());
+    let line = last_line(&out);
+    assert!(line.contains("nix-backup now holds"), "{line}");
+    let files = format!(" in {} files", summary["files"]);
+    assert!(
+        line.contains(&files),
+        "the line and the JSON agree on {files:?}: {line}"
+    );
+    assert!(
+        !line.contains(NEXT_STEP),
+        "no next step for a DIR that was not new: {line}"
+    );
+
+    // pull and extract end the same way; extract into a new DIR shows the next step.
+    let out = env.run(&["pull", "--plain-http", &a.reference, "-o", "a.tar"]);
+    assert_ok(&out);
+    let line = last_line(&out);
+    assert!(
+        line.contains("wrote a.tar") && line.contains("hydrafy extract a.tar"),
+        "{line}"
+    );
+    assert!(says_how_long(&line), "{line}");
+    let out = env.run(&["extract", "a.tar", "-o", "offline"]);
+    assert_ok(&out);
+    let line = last_line(&out);
+    assert!(line.contains("offline now holds"), "{line}");
+    assert!(
+        line.contains(&format!("next: {NEXT_STEP} offline")),
+        "{line}"
+    );
+}
+
+/// A merge adds to a seed that was there: the line sums up the union and
+/// shows no first-fetch hint.
+#[test]
+fn a_finished_merge_says_what_dir_holds_and_gives_no_first_fetch_hint() {
+    let work = tempfile::tempdir().unwrap();
+    let reg = Registry::start();
+    let image = |name: &str, tag: &str| {
+        let src = work.path().join(format!("src-{name}"));
+        nix::sample_source(&src, name, 10);
+        let store = nix::make_store(&work.path().join(name), &[(name, src.as_path())]);
+        let layers = nix::layers(&store)
+            .iter()
+            .map(|t| layer(t, Comp::Gzip, Media::Docker))
+            .collect();
+        push(
+            &reg.addr,
+            "nixos/nix",
+            Some(tag),
+            &Image::new(Media::Docker, layers),
+        )
+    };
+    let (old, new) = (image("old", "old"), image("new", "new"));
+    let env = TestEnv::new();
+    assert_ok(&env.run(&["fetch", "--plain-http", &old.reference, "-q"]));
+    let out = env.run(&["fetch", "--plain-http", &new.reference, "--merge"]);
+    assert_ok(&out);
+    let line = last_line(&out);
+    for needle in [
+        "hydrafy: nix-backup now holds 4 store paths",
+        "merged",
+        new.reference.as_str(),
+        "2 new",
+    ] {
+        assert!(line.contains(needle), "last line lacks {needle:?}: {line}");
+    }
+    assert!(says_how_long(&line), "{line}");
+    assert!(
+        !line.contains(NEXT_STEP),
+        "no next step after a merge: {line}"
+    );
+}

@@ -438,3 +438,145 @@ fn merge_refuses_what_it_cannot_merge_and_changes_nothing() {
     );
     drop(u.reg);
 }
+
+/// `seed` is exactly what a fresh fetch of the same image made in `fresh`:
+/// the same entries, the same `nix` tree (store and database, byte for byte,
+/// with modes and times) and the same state file.
+fn assert_same_seed(seed: &Path, fresh: &Path) {
+    assert_eq!(listing(seed), listing(fresh), "top-level entries");
+    assert_eq!(
+        fingerprint(&seed.join("nix")),
+        fingerprint(&fresh.join("nix")),
+        "the store and database are exactly the image's"
+    );
+    let state = |dir: &Path| std::fs::read_to_string(dir.join(".hydrafy-state.json")).unwrap();
+    assert_eq!(
+        state(seed),
+        state(fresh),
+        "the state file names only the image"
+    );
+}
+
+/// The bug: after `--merge` of B into a seed of A, `--replace B` said "already
+/// holds ...; nothing to do" and left A's paths and the cached builds.
+#[test]
+fn replace_after_merge_is_not_a_no_op_and_leaves_exactly_the_image() {
+    let u = upgrade();
+    let env = TestEnv::new();
+    assert_ok(&env.run(&["fetch", "--plain-http", &u.old.reference, "-q"]));
+    let seed = env.join("nix-backup");
+    std::fs::write(env.join("artifact"), "a cached build\n").unwrap();
+    let cached = nix::add(&seed, &env.join("artifact"));
+    assert_ok(&env.run(&["fetch", "--plain-http", &u.new.reference, "--merge", "-q"]));
+
+    let out = env.run(&[
+        "fetch",
+        "--plain-http",
+        &u.new.reference,
+        "--replace",
+        "--json",
+    ]);
+    assert_ok(&out);
+    assert!(
+        !crate::support::stderr(&out).contains("nothing to do"),
+        "{}",
+        crate::support::stderr(&out)
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(summary["unchanged"], false, "{summary}");
+    for p in u
+        .old_store
+        .paths
+        .iter()
+        .filter(|p| !u.shared.contains(p))
+        .chain([&cached])
+    {
+        assert!(
+            !store_path(&seed, p).exists(),
+            "{p} is gone after --replace"
+        );
+    }
+    assert_ok(&env.run(&[
+        "fetch",
+        "--plain-http",
+        &u.new.reference,
+        "-o",
+        "fresh",
+        "-q",
+    ]));
+    assert_same_seed(&seed, &env.join("fresh"));
+    let (ok, text) = nix::verify(&seed);
+    assert!(
+        ok,
+        "nix-store --verify --check-contents after --replace: {text}"
+    );
+
+    // Now DIR holds exactly that one image: replacing it again is a no-op.
+    let again = env.run(&[
+        "fetch",
+        "--plain-http",
+        &u.new.reference,
+        "--replace",
+        "--json",
+    ]);
+    assert_ok(&again);
+    assert!(
+        stdout(&again).contains("\"unchanged\":true"),
+        "{}",
+        stdout(&again)
+    );
+}
+
+/// The same bug through `extract`, on a seed the docker-cp recipe made: the
+/// merge adopts it, so it holds more than the image and `--replace` must swap.
+#[test]
+fn extract_replace_after_merge_into_an_adopted_seed_is_not_a_no_op() {
+    let u = upgrade();
+    let env = TestEnv::new();
+    assert_ok(&env.run(&[
+        "pull",
+        "--plain-http",
+        &u.new.reference,
+        "-o",
+        "new.tar",
+        "-q",
+    ]));
+    // The docker-cp recipe: the image's /nix copied to nix-backup/nix.
+    let seed = env.join("nix-backup");
+    std::fs::create_dir(&seed).unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(u.old_store.root.join("nix"))
+        .arg(seed.join("nix"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(store_path(&seed, &u.old_store.paths[0]).exists());
+    assert_ok(&env.run(&["extract", "new.tar", "--merge", "-q"]));
+
+    let out = env.run(&["extract", "new.tar", "--replace", "--json"]);
+    assert_ok(&out);
+    let summary: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(summary["unchanged"], false, "{summary}");
+    for p in u.old_store.paths.iter().filter(|p| !u.shared.contains(p)) {
+        assert!(
+            !store_path(&seed, p).exists(),
+            "{p} is gone after --replace"
+        );
+    }
+    assert_ok(&env.run(&["extract", "new.tar", "-o", "fresh", "-q"]));
+    assert_same_seed(&seed, &env.join("fresh"));
+    let (ok, text) = nix::verify(&seed);
+    assert!(
+        ok,
+        "nix-store --verify --check-contents after --replace: {text}"
+    );
+
+    let again = env.run(&["extract", "new.tar", "--replace", "--json"]);
+    assert_ok(&again);
+    assert!(
+        stdout(&again).contains("\"unchanged\":true"),
+        "{}",
+        stdout(&again)
+    );
+}

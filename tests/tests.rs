@@ -3,6 +3,7 @@
 mod support;
 
 mod airgap;
+mod cli;
 mod differential;
 mod fetch;
 mod hostile;

@@ -50,12 +50,14 @@ pub async fn extract(
     let archive = Archive::open(&opts.source)?;
     let resolved = archive.resolve(&platform, opts.platform.is_some(), &*reporter)?;
     let out = OutputDir::open(&opts.output, &*reporter)?;
-    if let Some(summary) = already_holds(&out, layout, &resolved.top_digest, &platform, start)? {
-        reporter.info(&format!(
-            "{} already holds {}; nothing to do",
-            out.dir().display(),
-            resolved.name
-        ));
+    if let Some(summary) = already_holds(
+        &out,
+        opts.existing,
+        layout,
+        &resolved.top_digest,
+        &platform,
+        start,
+    )? {
         return Ok(summary);
     }
     out.check_overwrite(opts.existing, &resolved.name)?;

@@ -62,12 +62,9 @@ pub async fn fetch(
     check_merge(opts.existing, layout)?;
     let out = OutputDir::open(&opts.output, &*reporter)?;
     if let Some(digest) = image.digest
-        && let Some(summary) = already_holds(&out, layout, &digest, &platform, start)?
+        && let Some(summary) =
+            already_holds(&out, opts.existing, layout, &digest, &platform, start)?
     {
-        reporter.info(&format!(
-            "{} already holds {image}; nothing to do",
-            out.dir().display()
-        ));
         return Ok(summary);
     }
     let mut registry = Registry::new(&image, &opts.registry, Arc::clone(&reporter))?;
@@ -83,15 +80,12 @@ pub async fn fetch(
             () = cancel.cancelled() => return Err(Error::Interrupted),
         };
         if let Some(digest) = head
-            && let Some(summary) = already_holds(&out, layout, &digest, &platform, start)?
+            && let Some(summary) =
+                already_holds(&out, opts.existing, layout, &digest, &platform, start)?
         {
             reporter.warn(&format!(
                 "{image} is not pinned; it points at {digest}; pin it as {} so every runner gets the same store",
                 image.pinned(digest)
-            ));
-            reporter.info(&format!(
-                "{} already holds it; nothing to do",
-                out.dir().display()
             ));
             return Ok(summary);
         }
@@ -108,12 +102,14 @@ pub async fn fetch(
             resolved.top_digest,
             image.pinned(resolved.top_digest)
         ));
-        if let Some(summary) = already_holds(&out, layout, &resolved.top_digest, &platform, start)?
-        {
-            reporter.info(&format!(
-                "{} already holds it; nothing to do",
-                out.dir().display()
-            ));
+        if let Some(summary) = already_holds(
+            &out,
+            opts.existing,
+            layout,
+            &resolved.top_digest,
+            &platform,
+            start,
+        )? {
             return Ok(summary);
         }
     }

@@ -64,6 +64,24 @@ pub struct PullSummary {
     pub extract_command: String,
 }
 
+impl PullSummary {
+    /// The line a finished pull ends with: what it wrote, how long it took,
+    /// and what to run on the air-gapped host.
+    pub fn line(&self) -> String {
+        format!(
+            "wrote {} ({}, {}): {}, {} blobs, {:.1} MB, in {:.1} s; on the air-gapped host run: {}",
+            self.output.display(),
+            self.format,
+            self.platforms.join(", "),
+            self.image,
+            self.blobs,
+            self.bytes as f64 / 1e6,
+            self.seconds,
+            self.extract_command
+        )
+    }
+}
+
 /// Run `hydrafy pull`.
 pub async fn pull(
     opts: &PullOptions,
@@ -252,9 +270,6 @@ pub async fn pull(
         ),
         None => format!("hydrafy extract {shown} -o nix-backup"),
     };
-    reporter.info(&format!(
-        "wrote {shown}; on the air-gapped host run: {extract_command}"
-    ));
     reporter.finish();
     Ok(PullSummary {
         image: ref_name,

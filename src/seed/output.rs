@@ -372,6 +372,17 @@ pub fn build_seed(rootfs: &Path, out: &Path, image: &str) -> Result<()> {
     Ok(())
 }
 
+/// How many store paths the seed in `dir` holds on disk: the entries of its
+/// `nix/store`, less Nix's own hidden ones (`.links`); 0 when it cannot be read.
+pub fn store_path_count(dir: &Path) -> u64 {
+    fs::read_dir(dir.join(SEED_DIRS[0])).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .count() as u64
+    })
+}
+
 /// What a published DIR holds for `layout`: `nix/store` for the seed.
 pub fn looks_complete(dir: &Path, layout: Layout) -> bool {
     match layout {

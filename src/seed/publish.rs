@@ -47,6 +47,79 @@ pub struct Summary {
     /// For `--merge` into a seed: the store paths added and how many were there already.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeSummary>,
+    /// The store paths in DIR's store after the run; `None` for `--rootfs`
+    /// and for a run that changed nothing. For [`Summary::line`] only: the
+    /// `--json` object keeps its fields.
+    #[serde(skip)]
+    pub store_paths: Option<u64>,
+    /// DIR was absent or empty before the run, so the line shows the next step.
+    #[serde(skip)]
+    pub first: bool,
+}
+
+/// What to run after the first fetch into DIR, shown at the end of that run.
+const NEXT_STEP: &str =
+    "hydrafy runner-config --config /etc/gitlab-runner/config.toml --nix-backup";
+
+impl Summary {
+    /// The line a finished run ends with: what DIR holds now (image, store
+    /// paths, bytes and files written), how long the run took, and, when DIR
+    /// was new and holds a seed, the next step.
+    pub fn line(&self) -> String {
+        let dir = self.output.display();
+        let image = format!("{} ({})", self.image, self.platform);
+        if self.unchanged {
+            return format!("{dir} already holds {image}; nothing to do");
+        }
+        let written = format!(
+            "{:.1} MB in {} {}",
+            self.bytes_written as f64 / 1e6,
+            self.files,
+            plural(self.files, "file")
+        );
+        let took = format!("in {:.1} s", self.seconds);
+        let Some(paths) = self.store_paths else {
+            return format!("{dir} now holds the filesystem of {image}: {written}, {took}");
+        };
+        let mut line = match &self.merge {
+            Some(merge) => format!(
+                "{dir} now holds {paths} {}: merged {image}, {} new ({written}), {} already there, {took}",
+                plural(paths, "store path"),
+                merge.added.len(),
+                merge.already_present
+            ),
+            None => format!(
+                "{dir} now holds {image}: {paths} {}, {written}, {took}",
+                plural(paths, "store path")
+            ),
+        };
+        if self.first {
+            line.push_str(&format!(
+                "; next: {NEXT_STEP} {}",
+                shell_word(&dir.to_string())
+            ));
+        }
+        line
+    }
+}
+
+/// `noun`, with an `s` unless there is one.
+fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        noun.to_string()
+    } else {
+        format!("{noun}s")
+    }
+}
+
+/// `word` as the shell reads it back: as it is when that is safe, else in single quotes.
+fn shell_word(word: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+:=@%,".contains(c);
+    if !word.is_empty() && word.chars().all(safe) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
 }
 
 /// What unpacking left in the staging root.
@@ -179,12 +252,18 @@ pub fn finish_output(
     cancel: &Cancel,
     start: Instant,
 ) -> Result<Summary> {
+    let first = matches!(out.holding(), Holding::Nothing);
     let merged = merge_or_publish(
         out, staging, layout, resolved, unpacked, merging, reporter, cancel,
     )?;
     reporter.finish();
     let mut summary = summary_of(resolved, out, &unpacked.stats, unpacked.downloaded, start);
     summary.merge = merged;
+    summary.first = first;
+    summary.store_paths = match layout {
+        Layout::Nix => Some(output::store_path_count(out.dir())),
+        Layout::Rootfs => None,
+    };
     Ok(summary)
 }
 
@@ -232,16 +311,12 @@ fn merge_or_publish(
     // unregistered, which Nix ignores. Then one transaction registers them.
     merge.install()?;
     let summary = merge.commit()?;
-    let state = match out.holding() {
-        Holding::State(state) => {
-            let mut state = state.clone();
-            state.images.push(record);
-            state
-        }
-        // From now on DIR is a seed hydrafy knows: it holds this image.
-        Holding::Foreign | Holding::Nothing => State::new(Layout::Nix, record),
+    // From now on DIR is a seed hydrafy knows, holding this image among others.
+    let prior = match out.holding() {
+        Holding::State(state) => Some(state),
+        Holding::Foreign | Holding::Nothing => None,
     };
-    state.write(out.dir())?;
+    State::merged(prior, record).write(out.dir())?;
     drop(staging);
     Ok(Some(summary))
 }
@@ -305,12 +380,18 @@ fn summary_of(
         output: out.dir().to_path_buf(),
         unchanged: false,
         merge: None,
+        store_paths: None,
+        first: false,
     }
 }
 
-/// The no-op check: does DIR already hold the image `digest` pins?
+/// The no-op check: does DIR already hold the image `digest` pins, as
+/// `existing` asks? Holding it among others is enough, except for
+/// `--replace`, which promises DIR becomes exactly the image: that is a no-op
+/// only when DIR holds the image and nothing else ([`State::find_exact`]).
 pub fn already_holds(
     out: &OutputDir,
+    existing: Existing,
     layout: Layout,
     digest: &Digest,
     platform: &Platform,
@@ -319,10 +400,18 @@ pub fn already_holds(
     let Holding::State(state) = out.holding() else {
         return Ok(None);
     };
-    let Some(record) = state.find(layout, digest, platform) else {
+    let held = match existing {
+        Existing::Replace => state.find_exact(layout, digest, platform),
+        Existing::Refuse | Existing::Merge => state.find(layout, digest, platform),
+    };
+    let Some(record) = held else {
         return Ok(None);
     };
     if !output::looks_complete(out.dir(), layout) {
+        if existing == Existing::Replace {
+            // What --replace is for: the run rebuilds it.
+            return Ok(None);
+        }
         return Err(Error::Output {
             dir: out.dir().to_path_buf(),
             reason: format!(
@@ -345,5 +434,7 @@ pub fn already_holds(
         output: out.dir().to_path_buf(),
         unchanged: true,
         merge: None,
+        store_paths: None,
+        first: false,
     }))
 }

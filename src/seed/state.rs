@@ -3,7 +3,9 @@
 //! `DIR/.hydrafy-state.json` records every image the directory was built
 //! from (one after `fetch`/`extract`, more after `--merge`), so that a second
 //! run for an image the directory already holds does nothing, and a run for
-//! another image knows it must not overwrite silently.
+//! another image knows it must not overwrite silently. It also says whether
+//! DIR is still exactly what one run published, which is what `--replace`
+//! needs to know before it may do nothing.
 
 use std::path::Path;
 
@@ -67,15 +69,35 @@ pub struct State {
     pub version: u32,
     pub layout: Layout,
     pub images: Vec<ImageRecord>,
+    /// True when DIR is the one image a run published whole; false once a
+    /// `--merge` added to it or adopted a seed hydrafy did not write (DIR then
+    /// holds more than its images), and for state files older than this field,
+    /// which did not say.
+    #[serde(default)]
+    pub exact: bool,
 }
 
 impl State {
-    /// A state holding one image.
+    /// The state of a tree published whole: exactly this one image.
     pub fn new(layout: Layout, image: ImageRecord) -> State {
         State {
             version: VERSION,
             layout,
             images: vec![image],
+            exact: true,
+        }
+    }
+
+    /// The state of a seed after `--merge` added `image` to it: the images
+    /// `prior` records (none for a seed hydrafy did not write) and `image`.
+    pub fn merged(prior: Option<&State>, image: ImageRecord) -> State {
+        let mut images = prior.map(|s| s.images.clone()).unwrap_or_default();
+        images.push(image);
+        State {
+            version: VERSION,
+            layout: Layout::Nix,
+            images,
+            exact: false,
         }
     }
 
@@ -144,6 +166,21 @@ impl State {
         })
     }
 
+    /// The record of that image (see [`State::find`]) if this directory holds
+    /// it and nothing else: the one image a run published, with nothing merged
+    /// in since. Only then is `--replace` with it a no-op.
+    pub fn find_exact(
+        &self,
+        layout: Layout,
+        digest: &Digest,
+        platform: &Platform,
+    ) -> Option<&ImageRecord> {
+        if !self.exact || self.images.len() != 1 {
+            return None;
+        }
+        self.find(layout, digest, platform)
+    }
+
     /// Does this directory already hold that image? See [`State::find`].
     pub fn holds(&self, layout: Layout, digest: &Digest, platform: &Platform) -> bool {
         self.find(layout, digest, platform).is_some()
@@ -196,6 +233,33 @@ mod tests {
         assert!(!s.holds(Layout::Nix, &index, &arm64));
         assert!(!s.holds(Layout::Rootfs, &index, &amd64));
         assert!(!s.holds(Layout::Nix, &Digest::of(b"other"), &amd64));
+    }
+
+    #[test]
+    fn only_a_published_single_image_is_held_exactly() {
+        let amd64: Platform = "linux/amd64".parse().unwrap();
+        let manifest = Digest::of(b"manifest");
+        let published = State::new(Layout::Nix, record(None));
+        assert!(
+            published
+                .find_exact(Layout::Nix, &manifest, &amd64)
+                .is_some()
+        );
+        let mut other = record(None);
+        other.manifest_digest = Some(Digest::of(b"other manifest"));
+        // Merged with another image, or into a seed hydrafy did not write.
+        let merged = State::merged(Some(&State::new(Layout::Nix, other)), record(None));
+        assert!(merged.holds(Layout::Nix, &manifest, &amd64));
+        assert!(merged.find_exact(Layout::Nix, &manifest, &amd64).is_none());
+        let adopted = State::merged(None, record(None));
+        assert!(adopted.holds(Layout::Nix, &manifest, &amd64));
+        assert!(adopted.find_exact(Layout::Nix, &manifest, &amd64).is_none());
+        // A state file from before `exact` was written does not vouch for it.
+        let mut old = serde_json::to_value(&published).unwrap();
+        old.as_object_mut().unwrap().remove("exact");
+        let old: State = serde_json::from_value(old).unwrap();
+        assert!(old.holds(Layout::Nix, &manifest, &amd64));
+        assert!(old.find_exact(Layout::Nix, &manifest, &amd64).is_none());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -59,6 +60,9 @@ pub struct Progress {
     style: Style,
     bars: Option<(MultiProgress, ProgressBar, ProgressBar)>,
     plain: Mutex<PlainState>,
+    /// Set by [`Reporter::finish`]: no progress line after it, so the run's
+    /// summary ([`Progress::conclude`]) is the last line on stderr.
+    finished: AtomicBool,
 }
 
 #[derive(Default)]
@@ -95,16 +99,23 @@ impl Progress {
             style,
             bars,
             plain: Mutex::new(PlainState::default()),
+            finished: AtomicBool::new(false),
         }
+    }
+
+    /// The run's last line: what it did, after the bars are gone; nothing with `--quiet`.
+    pub fn conclude(&self, summary: &str) {
+        self.finish();
+        self.info(summary);
     }
 
     fn line(&self, text: &str) {
         let text = sanitize(text);
         match &self.bars {
-            Some((multi, ..)) => {
+            Some((multi, ..)) if !self.finished.load(Ordering::SeqCst) => {
                 let _ = multi.println(format!("hydrafy: {text}"));
             }
-            None => {
+            _ => {
                 let _ = writeln!(std::io::stderr().lock(), "hydrafy: {text}");
             }
         }
@@ -114,7 +125,12 @@ impl Progress {
         if self.style != Style::Plain {
             return;
         }
+        // The lock is held until the line is out, and `finish` takes it to
+        // set the flag: no tick can slip out after the summary.
         let mut s = self.plain.lock().expect("progress lock");
+        if self.finished.load(Ordering::SeqCst) {
+            return;
+        }
         let due = s.last.is_none_or(|t| t.elapsed() >= PLAIN_EVERY);
         if !(force || due) {
             return;
@@ -127,8 +143,8 @@ impl Progress {
             s.applied,
             s.layers
         );
-        drop(s);
         self.line(&line);
+        drop(s);
     }
 }
 
@@ -179,6 +195,10 @@ impl Reporter for Progress {
     }
 
     fn finish(&self) {
+        {
+            let _ticks = self.plain.lock().expect("progress lock");
+            self.finished.store(true, Ordering::SeqCst);
+        }
         if let Some((multi, download, layers)) = &self.bars {
             download.finish_and_clear();
             layers.finish_and_clear();
