@@ -15,6 +15,7 @@ use crate::commands::pull::PullOptions;
 use crate::commands::runner_config::RunnerConfigOptions;
 use crate::error::{Error, Result};
 use crate::nix::verify::VerifyOptions;
+use crate::oci::platform::Platform;
 use crate::registry::client::{Mirror, RegistryOptions};
 use crate::seed::output::Existing;
 
@@ -148,7 +149,7 @@ pub struct PullArgs {
         value_name = "OS/ARCH[/VARIANT]",
         conflicts_with = "all_platforms"
     )]
-    pub platform: Option<String>,
+    pub platform: Option<Platform>,
     /// Keep every platform of a multi-platform image.
     #[arg(long)]
     pub all_platforms: bool,
@@ -276,7 +277,7 @@ pub struct OutputArgs {
     /// The platform to pick from a multi-platform image: OS/ARCH[/VARIANT]
     /// (default: this machine's).
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
-    pub platform: Option<String>,
+    pub platform: Option<Platform>,
     /// Unpack the whole image filesystem into DIR, not just the Nix store and database.
     #[arg(long)]
     pub rootfs: bool,
@@ -300,7 +301,7 @@ pub struct RegistryArgs {
     /// Pull through a mirror first: URL mirrors docker.io, HOST=URL mirrors
     /// HOST. Repeatable; mirrors are tried in order, then the origin.
     #[arg(long, value_name = "[HOST=]URL")]
-    pub mirror: Vec<String>,
+    pub mirror: Vec<Mirror>,
     /// Hidden: the first retry delay in milliseconds (doubled per attempt).
     /// The test suite shortens it so that retries do not slow it down.
     #[arg(long, hide = true, env = "HYDRAFY_RETRY_BACKOFF_MS", value_name = "MS")]
@@ -347,11 +348,7 @@ impl OutputArgs {
 impl RegistryArgs {
     /// Validated registry options.
     pub fn options(&self) -> Result<RegistryOptions> {
-        let mirrors = self
-            .mirror
-            .iter()
-            .map(|m| m.parse::<Mirror>())
-            .collect::<Result<Vec<_>>>()?;
+        let mirrors = self.mirror.clone();
         let defaults = RegistryOptions::default();
         Ok(RegistryOptions {
             plain_http: self.plain_http,
@@ -395,7 +392,7 @@ impl PullArgs {
         Ok(PullOptions {
             image: self.image.clone(),
             output: self.output.clone(),
-            platform: self.platform.as_deref().map(str::parse).transpose()?,
+            platform: self.platform.clone(),
             all_platforms: self.all_platforms,
             registry: self.registry.options()?,
             cache: cache_option(self.download.no_cache)?,
@@ -411,12 +408,7 @@ impl ExtractArgs {
         Ok(ExtractOptions {
             source: self.source.clone(),
             output: self.output.output.clone(),
-            platform: self
-                .output
-                .platform
-                .as_deref()
-                .map(str::parse)
-                .transpose()?,
+            platform: self.output.platform.clone(),
             rootfs: self.output.rootfs,
             existing: self.output.existing(),
         })
@@ -430,12 +422,7 @@ impl FetchArgs {
         Ok(FetchOptions {
             image: self.image.clone(),
             output: self.output.output.clone(),
-            platform: self
-                .output
-                .platform
-                .as_deref()
-                .map(str::parse)
-                .transpose()?,
+            platform: self.output.platform.clone(),
             rootfs: self.output.rootfs,
             existing: self.output.existing(),
             registry: self.registry.options()?,
