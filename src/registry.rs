@@ -36,6 +36,9 @@
 //!   [`crate::blobstore`]), anything else from the start; the whole blob is
 //!   verified at the end. A body cut short used to be fatal for everything
 //!   but layers, because each small body had a read of its own.
+//! - Trickles: a transfer slower than the floor of [`LOW_SPEED`] (its
+//!   headers included) counts as a failed attempt, like a broken one, so a
+//!   source that sends a byte now and then cannot hold a run forever.
 //! - Mirrors are tried in order before the origin; whatever serves the bytes,
 //!   they are verified against the pinned digest, and a mirror that fails or
 //!   lies is skipped with a warning.
@@ -66,6 +69,79 @@ const MAX_TOKEN_RESPONSE: u64 = 1 << 20;
 /// The most of an error answer's body read, to quote it.
 const MAX_ERROR_BODY: u64 = 4 << 10;
 
+/// A floor on transfer speed: less than `bytes_per_sec` averaged over
+/// `window` (or no response headers within `window`) fails the attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LowSpeed {
+    /// 0: no floor.
+    pub bytes_per_sec: u64,
+    pub window: Duration,
+}
+
+/// The floor every transfer must keep: 1000 bytes/s averaged over 30 s.
+///
+/// The 30 s window is curl's and cargo's (`http.low-speed-limit` is judged
+/// over `http.timeout`, 30 s): long enough to ride out a congested link or a
+/// few TCP retransmissions, short enough that a stuck source is left within
+/// a minute. The rate is higher than cargo's 10 B/s because what hydrafy
+/// reads is bigger: a link managing under 1 kB/s would take days over one
+/// large layer, so giving up on it for the next source (or a clear error)
+/// loses nothing, while 1 kB/s is far below any working link, even a
+/// congested one shared by many jobs. A trickle used to keep a run waiting
+/// forever: the read timeout only notices silence. [`LOW_SPEED_ENV`]
+/// replaces the figures.
+pub const LOW_SPEED: LowSpeed = LowSpeed {
+    bytes_per_sec: 1000,
+    window: Duration::from_secs(30),
+};
+
+/// `BYTES/SECONDS` in this variable replaces [`LOW_SPEED`] (`0/1`: no floor):
+/// for tests, which stage trickles in seconds, and for operators whose links
+/// need other figures.
+pub const LOW_SPEED_ENV: &str = "HYDRAFY_LOW_SPEED";
+
+impl FromStr for LowSpeed {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || {
+            "expected BYTES/SECONDS (bytes per second, averaged over seconds), as 1000/30"
+                .to_string()
+        };
+        let (bytes, secs) = s.trim().split_once('/').ok_or_else(bad)?;
+        let bytes_per_sec = bytes.trim().parse().map_err(|_| bad())?;
+        let secs: u64 = secs.trim().parse().map_err(|_| bad())?;
+        if secs == 0 {
+            return Err("the window must be at least 1 second".to_string());
+        }
+        Ok(LowSpeed {
+            bytes_per_sec,
+            window: Duration::from_secs(secs),
+        })
+    }
+}
+
+impl LowSpeed {
+    /// [`LOW_SPEED_ENV`] when set, else `self`.
+    fn or_from_env(self) -> Result<LowSpeed> {
+        match std::env::var(LOW_SPEED_ENV) {
+            Ok(v) => v
+                .parse()
+                .map_err(|reason: String| Error::invalid(LOW_SPEED_ENV, v, reason)),
+            Err(_) => Ok(self),
+        }
+    }
+
+    fn too_slow(&self, target: &str, rate: Option<u64>) -> Error {
+        Error::TooSlow {
+            target: target.to_string(),
+            rate,
+            window: self.window.as_secs(),
+            floor: self.bytes_per_sec,
+        }
+    }
+}
+
 /// How to reach registries.
 #[derive(Clone, Debug)]
 pub struct RegistryOptions {
@@ -83,6 +159,8 @@ pub struct RegistryOptions {
     pub backoff: Duration,
     /// Give up on a connection that sends nothing for this long.
     pub read_timeout: Duration,
+    /// Give up on a transfer slower than this ([`LOW_SPEED_ENV`] overrides it).
+    pub low_speed: LowSpeed,
 }
 
 impl Default for RegistryOptions {
@@ -95,6 +173,7 @@ impl Default for RegistryOptions {
             max_retry_after: Duration::from_secs(60),
             backoff: Duration::from_millis(500),
             read_timeout: Duration::from_secs(60),
+            low_speed: LOW_SPEED,
         }
     }
 }
@@ -250,11 +329,15 @@ impl Registry {
         let http = builder.build().map_err(|e| {
             Error::registry(image.to_string(), format!("cannot set up HTTP client: {e}"))
         })?;
+        let opts = RegistryOptions {
+            low_speed: opts.low_speed.or_from_env()?,
+            ..opts.clone()
+        };
         Ok(Registry {
             http,
             image: image.clone(),
             endpoints,
-            opts: opts.clone(),
+            opts,
             reporter,
             cache: None,
         })
@@ -563,10 +646,11 @@ impl Registry {
     /// Read one body from `source` into `sink`: the one way every body is
     /// read, so that a manifest, a config or a token answer survives what a
     /// layer does. A transfer that breaks off (cut, reset, silent past the
-    /// read timeout) is asked for again after a backoff: a blob (`blob`
-    /// given) from the bytes received, with Range, anything else from the
-    /// start. Tries that bring nothing new are bounded by `attempts`, breaks
-    /// in all by ten times that. Returns the status of the answer
+    /// read timeout, or slower than the floor) is asked for again after a
+    /// backoff: a blob (`blob` given) from the bytes received, with Range,
+    /// anything else from the start. Tries that bring nothing new (a slow
+    /// one never counts as bringing anything) are bounded by `attempts`,
+    /// breaks in all by ten times that. Returns the status of the answer
     /// read: a token service's refusal has a body to quote.
     async fn fetch_body(
         &self,
@@ -615,14 +699,15 @@ impl Registry {
                 }
             }
             let before = sink.len();
+            let mut pace = Pace::new(self.opts.low_speed);
             let failure = loop {
-                match resp.chunk().await {
+                match pace.chunk(&mut resp).await {
                     Ok(Some(chunk)) => sink.write(&chunk)?,
                     Ok(None) => break None,
-                    Err(e) => break Some(e),
+                    Err(b) => break Some(b),
                 }
             };
-            let Some(e) = failure else {
+            let Some(failure) = failure else {
                 // The server sent all it has for this blob: that is its size.
                 if let Some(desc) = blob
                     && sink.len() != desc.size
@@ -638,13 +723,17 @@ impl Registry {
                 return Ok(resp.status());
             };
             breaks += 1;
-            if blob.is_some() && sink.len() > before {
+            let kept = blob.is_some() && sink.len() > before;
+            if kept && !matches!(failure, Break::TooSlow { .. }) {
                 stalled = 0;
             } else {
                 stalled += 1;
             }
             if stalled >= self.opts.attempts || breaks > self.opts.attempts * 10 {
-                return Err(http_error(target, "download interrupted too many times", e));
+                return Err(match failure {
+                    Break::Http(e) => http_error(target, "download interrupted too many times", e),
+                    Break::TooSlow { rate } => self.opts.low_speed.too_slow(target, Some(rate)),
+                });
             }
             tokio::time::sleep(self.backoff(stalled.max(1))).await;
         }
@@ -685,21 +774,31 @@ impl Registry {
     }
 
     /// Send `req` as attempt number `attempt`. `Ok(None)`: the connection
-    /// failed in a way worth another attempt, and the backoff has been slept.
+    /// failed in a way worth another attempt, or the response headers did
+    /// not come within the low-speed window, and the backoff has been slept.
     async fn try_send(
         &self,
         req: reqwest::RequestBuilder,
         attempt: u32,
         target: &str,
     ) -> Result<Option<reqwest::Response>> {
-        match req.send().await {
-            Ok(r) => Ok(Some(r)),
-            Err(e) if attempt < self.opts.attempts && transient(&e) => {
-                tokio::time::sleep(self.backoff(attempt)).await;
-                Ok(None)
+        let floor = self.opts.low_speed;
+        let sent = if floor.bytes_per_sec == 0 {
+            Ok(req.send().await)
+        } else {
+            tokio::time::timeout(floor.window, req.send()).await
+        };
+        let retry = attempt < self.opts.attempts;
+        match sent {
+            Ok(Ok(r)) => return Ok(Some(r)),
+            Ok(Err(e)) if !(retry && transient(&e)) => {
+                return Err(http_error(target, connect_hint(&e), e));
             }
-            Err(e) => Err(http_error(target, connect_hint(&e), e)),
+            Err(_) if !retry => return Err(floor.too_slow(target, None)),
+            Ok(Err(_)) | Err(_) => {}
         }
+        tokio::time::sleep(self.backoff(attempt)).await;
+        Ok(None)
     }
 
     /// Exponential backoff with jitter: `backoff * 2^(attempt-1)`, plus up to half again.
@@ -1033,10 +1132,11 @@ impl Registry {
     }
 
     /// The start of an error answer's body, to quote: what arrives of its
-    /// first few KB (a failure to read it is no error).
+    /// first few KB at the floor's pace (a failure to read it is no error).
     async fn excerpt(&self, mut resp: reqwest::Response) -> String {
         let mut body = Vec::new();
-        while let Ok(Some(chunk)) = resp.chunk().await {
+        let mut pace = Pace::new(self.opts.low_speed);
+        while let Ok(Some(chunk)) = pace.chunk(&mut resp).await {
             body.extend_from_slice(&chunk);
             if body.len() as u64 >= MAX_ERROR_BODY {
                 break;
@@ -1131,6 +1231,72 @@ impl Sink for Download<'_> {
 
     fn restart(&mut self) -> Result<()> {
         self.writer.restart()
+    }
+}
+
+/// Why a body stopped before its end.
+enum Break {
+    /// Cut, reset, or silent past the read timeout.
+    Http(reqwest::Error),
+    /// Slower than the floor: `rate` bytes/s over its window.
+    TooSlow { rate: u64 },
+}
+
+/// The low-speed floor kept on one body: bytes are counted in windows of
+/// the floor's length, and a window that ends short of `bytes_per_sec`
+/// times its length ends the transfer.
+struct Pace {
+    floor: LowSpeed,
+    start: Instant,
+    bytes: u64,
+}
+
+impl Pace {
+    fn new(floor: LowSpeed) -> Pace {
+        Pace {
+            floor,
+            start: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    /// The next chunk of `resp`'s body; `None` at its end.
+    async fn chunk(
+        &mut self,
+        resp: &mut reqwest::Response,
+    ) -> std::result::Result<Option<impl std::ops::Deref<Target = [u8]> + use<>>, Break> {
+        if self.floor.bytes_per_sec == 0 {
+            return resp.chunk().await.map_err(Break::Http);
+        }
+        loop {
+            let end = self.start + self.floor.window;
+            // Dropping a pending `chunk()` loses nothing: the body keeps its place.
+            match tokio::time::timeout_at(end.into(), resp.chunk()).await {
+                Ok(Ok(Some(chunk))) => {
+                    self.bytes += chunk.len() as u64;
+                    self.settle()?;
+                    return Ok(Some(chunk));
+                }
+                Ok(Ok(None)) => return Ok(None),
+                Ok(Err(e)) => return Err(Break::Http(e)),
+                Err(_) => self.settle()?,
+            }
+        }
+    }
+
+    /// At the end of a window: too slow, or on to the next window.
+    fn settle(&mut self) -> std::result::Result<(), Break> {
+        let elapsed = self.start.elapsed();
+        if elapsed < self.floor.window {
+            return Ok(());
+        }
+        let rate = (self.bytes as f64 / elapsed.as_secs_f64()) as u64;
+        if rate < self.floor.bytes_per_sec {
+            return Err(Break::TooSlow { rate });
+        }
+        self.start = Instant::now();
+        self.bytes = 0;
+        Ok(())
     }
 }
 
@@ -1324,6 +1490,25 @@ mod tests {
             reg.sources(),
             ["mirror https://ghcr-mirror.example", "ghcr.io"]
         );
+    }
+
+    #[test]
+    fn a_low_speed_floor_is_bytes_per_second_over_seconds() {
+        assert_eq!(
+            "1000/30".parse(),
+            Ok(LowSpeed {
+                bytes_per_sec: 1000,
+                window: Duration::from_secs(30)
+            })
+        );
+        assert_eq!(
+            " 0 / 1 ".parse::<LowSpeed>().map(|l| l.bytes_per_sec),
+            Ok(0)
+        );
+        for bad in ["1000", "1000/0", "fast/30", "1000/1.5", "-1/30"] {
+            assert!(bad.parse::<LowSpeed>().is_err(), "{bad}");
+        }
+        assert_eq!(RegistryOptions::default().low_speed, LOW_SPEED);
     }
 
     #[test]

@@ -908,7 +908,7 @@ fn a_download_killed_mid_blob_resumes_where_it_stopped_in_the_next_run() {
     assert!(env.join("out/nix/store").is_dir());
 }
 
-// --------------------------------------------------------- bodies cut short
+// ------------------------------------------------ bodies cut short, trickles
 
 /// Run `cmd` to its end; kill it and fail after `limit`. A run that hangs (on
 /// a source that trickles) must fail its test, not stall the suite.
@@ -1053,7 +1053,8 @@ fn a_body_cut_short_is_retried_for_a_layer() {
 
 /// A registry with `auth: token` over `plain`'s storage whose realm is a
 /// proxy in front of a public-pull issuer, dealing `actions` to the token
-/// requests in turn. Fetches `plain`'s image through it, within [`HANG`].
+/// requests in turn. Fetches `plain`'s image through it, within [`HANG`],
+/// with a floor of 1000 B/s over 1 s.
 fn fetch_with_token_faults(actions: Vec<Action>) -> (Output, TestEnv, Vec<Seen>, usize) {
     let plain = Registry::start();
     let (img, _) = nix_image(&plain.addr, "pub/nix", "v1", &TOKEN_SEEDS);
@@ -1073,7 +1074,14 @@ fn fetch_with_token_faults(actions: Vec<Action>) -> (Output, TestEnv, Vec<Seen>,
     let env = TestEnv::new();
     let reference = format!("{}/pub/nix@{}", reg.addr, img.digest);
     let out = run_within(
-        hydrafy(&env).args(["fetch", "--plain-http", "-q", &reference, "-o", "out"]),
+        hydrafy(&env).env("HYDRAFY_LOW_SPEED", "1000/1").args([
+            "fetch",
+            "--plain-http",
+            "-q",
+            &reference,
+            "-o",
+            "out",
+        ]),
         HANG,
     );
     let seen = realm.seen_settled();
@@ -1094,6 +1102,80 @@ fn a_body_cut_short_is_retried_for_a_token_answer() {
     assert_eq!(
         issued, 2,
         "the dropped and the 503 never reached the issuer"
+    );
+}
+
+#[test]
+fn a_token_service_that_trickles_its_answer_or_headers_is_asked_again() {
+    let every = Duration::from_millis(500);
+    let (out, env, seen, issued) =
+        fetch_with_token_faults(vec![Action::Trickle(every), Action::TrickleHead(every)]);
+    assert_ok(&out);
+    assert_seed(&env.join("out"), &TOKEN_SEEDS);
+    let asked: Vec<_> = seen.iter().map(|s| s.status).collect();
+    assert_eq!(asked, [200, 200, 200], "trickled, trickled, served");
+    assert_eq!(issued, 3);
+}
+
+/// Fetch through a proxy that deals `action` to every manifest GET, with a
+/// floor of 1000 B/s over 1 s: the run fails on one line naming the source
+/// and what it managed, after the usual five attempts, and DIR is untouched.
+fn fetch_a_trickling_manifest(action: Action, managed: &str) {
+    let reg = Registry::start();
+    let (img, _) = nix_image(&reg.addr, "pub/nix", "v1", &[(1, 1000)]);
+    let proxy = Proxy::start("127.0.0.1", &reg.addr, move |r| {
+        if r.is_manifest() {
+            action.clone()
+        } else {
+            Action::Pass
+        }
+    });
+    let env = TestEnv::new();
+    let reference = format!("{}/pub/nix@{}", proxy.addr, img.digest);
+    let out = run_within(
+        hydrafy(&env).env("HYDRAFY_LOW_SPEED", "1000/1").args([
+            "fetch",
+            "--plain-http",
+            "-q",
+            &reference,
+            "-o",
+            "out",
+        ]),
+        HANG,
+    );
+    assert_fails(
+        &out,
+        1,
+        &[
+            &format!("manifest {}", img.digest),
+            &format!("({})", proxy.addr),
+            "transfer too slow: ",
+            managed,
+            "(floor 1000 B/s)",
+        ],
+    );
+    assert!(!env.join("out").exists());
+    let gets = proxy
+        .seen_settled()
+        .iter()
+        .filter(|s| s.request.is_manifest())
+        .count();
+    assert_eq!(gets, 5, "each slow transfer is a failed attempt");
+}
+
+#[test]
+fn a_source_that_trickles_a_manifest_fails_the_run_instead_of_hanging_it() {
+    fetch_a_trickling_manifest(
+        Action::Trickle(Duration::from_millis(500)),
+        " B/s over 1 s ",
+    );
+}
+
+#[test]
+fn a_source_that_trickles_its_headers_fails_the_run_instead_of_hanging_it() {
+    fetch_a_trickling_manifest(
+        Action::TrickleHead(Duration::from_millis(500)),
+        "no answer in 1 s ",
     );
 }
 
@@ -1467,6 +1549,65 @@ fn a_mirror_serving_another_image_for_the_pinned_digest_is_skipped() {
         "{err}"
     );
     assert_eq!(json(&out)["digest"], img.digest);
+}
+
+#[test]
+fn a_mirror_that_trickles_a_blob_is_given_up_on_for_the_origin() {
+    let origin = Registry::start();
+    let seeds = [(1, 50_000), (2, 50_000)];
+    let (img, layers) = nix_image(&origin.addr, "pub/nix", "v1", &seeds);
+    let at_origin = Proxy::start("127.0.0.1", &origin.addr, |_| Action::Pass);
+    let mirror = Registry::start_with(&format!("proxy:\n  remoteurl: http://{}\n", origin.addr));
+    let slow = layers[2].digest.clone();
+    let at_mirror = Proxy::start("127.0.0.1", &mirror.addr, move |r| {
+        if r.path.ends_with(&slow) {
+            Action::Trickle(Duration::from_millis(500))
+        } else {
+            Action::Pass
+        }
+    });
+    let env = TestEnv::new();
+    let reference = format!("{}/pub/nix@{}", at_origin.addr, img.digest);
+    let mirror_arg = format!("{}=http://{}", at_origin.addr, at_mirror.addr);
+    let out = run_within(
+        hydrafy(&env).env("HYDRAFY_LOW_SPEED", "1000/1").args([
+            "fetch",
+            "--plain-http",
+            "--mirror",
+            &mirror_arg,
+            &reference,
+            "-o",
+            "out",
+        ]),
+        HANG,
+    );
+    assert_ok(&out);
+    assert_seed(&env.join("out"), &seeds);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "mirror http://{}: blob {}",
+            at_mirror.addr, layers[2].digest
+        )) && err.contains("transfer too slow: ")
+            && err.contains("(floor 1000 B/s)")
+            && err.contains("trying the next source"),
+        "{err}"
+    );
+    assert_eq!(
+        gets_of(&at_mirror.seen_settled(), &layers[2].digest).len(),
+        5,
+        "each slow transfer is a failed attempt"
+    );
+    let from_origin: Vec<_> = at_origin
+        .seen_settled()
+        .into_iter()
+        .map(|s| s.request.path)
+        .collect();
+    assert_eq!(
+        from_origin,
+        [format!("/v2/pub/nix/blobs/{}", layers[2].digest)],
+        "the origin is asked for the blob the mirror trickled, and only that"
+    );
 }
 
 // ---------------------------------------------------------------------- TLS
