@@ -30,7 +30,7 @@
 //! - Flaky networks: connection failures, timeouts and 5xx are retried with
 //!   exponential backoff and jitter, a bounded number of times. Every body
 //!   (manifest, index, config, layer, token answer) is read by one loop,
-//!   [`Registry::fetch_body`]: a transfer that breaks off is asked for again,
+//!   `Registry::fetch_body`: a transfer that breaks off is asked for again,
 //!   a blob with a Range request from the bytes already received (restarting
 //!   from zero when the server ignores Range; across runs too, see
 //!   [`crate::blobstore`]), anything else from the start; the whole blob is
