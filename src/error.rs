@@ -70,6 +70,23 @@ pub enum Error {
         source: reqwest::Error,
     },
 
+    /// A source sent less than the low-speed floor asks (a trickle, or no
+    /// answer at all) on every attempt; `rate` is what it managed (`None`:
+    /// not even the response headers came).
+    #[error(
+        "{target}: transfer too slow: {managed} (floor {floor} B/s); the source is overloaded or the link is failing: try again later, or pull through another source (--mirror URL)",
+        managed = match .rate {
+            Some(rate) => format!("{rate} B/s over {} s", .window),
+            None => format!("no answer in {} s", .window),
+        }
+    )]
+    TooSlow {
+        target: String,
+        rate: Option<u64>,
+        window: u64,
+        floor: u64,
+    },
+
     /// A layer holds an entry hydrafy refuses to apply.
     #[error("layer {layer}: entry {entry:?}: {reason}")]
     Entry {

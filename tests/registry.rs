@@ -6,13 +6,14 @@
 //! and its log (requests, headers, body bytes sent) is the witness.
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
-use crate::support::image::{Blob, Comp, Image, Media, Pushed, Tar, layer, push};
+use crate::support::image::{Blob, Comp, Image, Media, Pushed, Tar, layer, push, push_index};
 use crate::support::proxy::{Action, Proxy, Request, Seen, Tunnel};
 use crate::support::registry::Registry;
 use crate::support::tls::Pki;
@@ -32,8 +33,7 @@ fn nix_image(addr: &str, repo: &str, tag: &str, seeds: &[(u64, usize)]) -> (Push
     base.file("nix/var/nix/db/db.sqlite", b"db", 0o644);
     let mut layers = vec![layer(&base.finish(), Comp::None, Media::Oci)];
     for (seed, size) in seeds {
-        let mut rng = fastrand::Rng::with_seed(*seed);
-        let data: Vec<u8> = (0..*size).map(|_| rng.u8(..)).collect();
+        let data = store_data(*seed, *size);
         let mut t = Tar::new();
         let dir = format!("/nix/store/{seed:032}-p");
         t.dir(&dir, 0o555)
@@ -47,6 +47,33 @@ fn nix_image(addr: &str, repo: &str, tag: &str, seeds: &[(u64, usize)]) -> (Push
         &Image::new(Media::Oci, layers.clone()),
     );
     (pushed, layers)
+}
+
+/// The bytes of the one file in `nix_image`'s store path for `seed`.
+fn store_data(seed: u64, size: usize) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..size).map(|_| rng.u8(..)).collect()
+}
+
+/// DIR holds exactly the store paths of `nix_image` with `seeds`, each file
+/// with its bytes.
+fn assert_seed(dir: &Path, seeds: &[(u64, usize)]) {
+    let store = dir.join("nix/store");
+    let mut want: Vec<String> = seeds.iter().map(|(s, _)| format!("{s:032}-p")).collect();
+    want.sort();
+    assert_eq!(
+        listing(&store),
+        want,
+        "the store paths in {}",
+        store.display()
+    );
+    for (seed, size) in seeds {
+        let data = std::fs::read(store.join(format!("{seed:032}-p/data"))).unwrap();
+        assert!(
+            data == store_data(*seed, *size),
+            "store path {seed:032}-p: wrong bytes"
+        );
+    }
 }
 
 /// `hydrafy ARGS` with short retry delays (the defaults are for real networks).
@@ -71,10 +98,11 @@ fn json(out: &Output) -> serde_json::Value {
 
 /// Body bytes the proxy sent for GETs of blob `digest`.
 fn served(seen: &[Seen], digest: &str) -> u64 {
-    blob_gets(seen, digest).iter().map(|s| s.body_bytes).sum()
+    gets_of(seen, digest).iter().map(|s| s.body_bytes).sum()
 }
 
-fn blob_gets<'a>(seen: &'a [Seen], digest: &str) -> Vec<&'a Seen> {
+/// The GETs of the manifest or blob `digest`.
+fn gets_of<'a>(seen: &'a [Seen], digest: &str) -> Vec<&'a Seen> {
     seen.iter()
         .filter(|s| s.request.method == "GET" && s.request.path.ends_with(digest))
         .collect()
@@ -759,7 +787,7 @@ fn dropped_connections_503s_and_stalls_are_retried_and_cut_transfers_resume_with
 
     let size = layers[1].bytes.len() as u64;
     let cut = &layers[1].digest;
-    let gets = blob_gets(&seen, cut);
+    let gets = gets_of(&seen, cut);
     assert_eq!(gets.len(), 2, "{gets:?}");
     assert_eq!(gets[1].request.header("range"), Some("bytes=250000-"));
     assert_eq!(gets[1].status, 206);
@@ -770,7 +798,7 @@ fn dropped_connections_503s_and_stalls_are_retried_and_cut_transfers_resume_with
     );
     assert_eq!(total, size, "a resumed blob is not downloaded twice");
 
-    let stall_gets = blob_gets(&seen, &layers[4].digest);
+    let stall_gets = gets_of(&seen, &layers[4].digest);
     assert_eq!(stall_gets[1].request.header("range"), Some("bytes=100000-"));
     assert_eq!(
         served(&seen, &layers[4].digest),
@@ -807,7 +835,7 @@ fn a_server_that_ignores_range_is_restarted_from_zero_and_still_verified() {
         &["fetch", "--plain-http", "-q", &reference, "-o", "out"],
     ));
     let seen = proxy.seen_settled();
-    let gets = blob_gets(&seen, &layers[1].digest);
+    let gets = gets_of(&seen, &layers[1].digest);
     assert_eq!(gets.len(), 2);
     assert_eq!(
         gets[1].request.header("range"),
@@ -868,7 +896,7 @@ fn a_download_killed_mid_blob_resumes_where_it_stopped_in_the_next_run() {
         stderr(&out)
     );
     let seen = proxy.seen_settled();
-    let gets = blob_gets(&seen, &digest);
+    let gets = gets_of(&seen, &digest);
     assert_eq!(gets.len(), 2, "{gets:?}");
     assert_eq!(gets[1].request.header("range"), Some("bytes=300000-"));
     assert_eq!(
@@ -878,6 +906,277 @@ fn a_download_killed_mid_blob_resumes_where_it_stopped_in_the_next_run() {
     );
     assert!(!partial.exists());
     assert!(env.join("out/nix/store").is_dir());
+}
+
+// ------------------------------------------------ bodies cut short, trickles
+
+/// Run `cmd` to its end; kill it and fail after `limit`. A run that hangs (on
+/// a source that trickles) must fail its test, not stall the suite.
+fn run_within(cmd: &mut Command, limit: Duration) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run hydrafy");
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("wait for hydrafy"),
+        Err(_) => {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            panic!(
+                "hydrafy was still running after {} s and was killed: it hangs",
+                limit.as_secs()
+            );
+        }
+    }
+}
+
+/// Generous for a run that must end by itself; reached only by one that hangs.
+const HANG: Duration = Duration::from_secs(120);
+
+/// What a flaky link does to one request after another: the body cut
+/// halfway, then the connection closed before any answer, then a 503. The
+/// fourth request is served.
+fn cut_reset_503(half: u64) -> Vec<Action> {
+    vec![
+        Action::CutAfter(half),
+        Action::Drop,
+        Action::Status(503, vec![], "busy".into()),
+    ]
+}
+
+/// A rule dealing `actions` in turn to the requests `pick` matches, then
+/// passing them.
+fn in_turn(
+    pick: impl Fn(&Request) -> bool + Send + Sync + 'static,
+    actions: Vec<Action>,
+) -> impl Fn(&Request) -> Action + Send + Sync + 'static {
+    let next = Mutex::new(actions.into_iter());
+    move |r| {
+        if pick(r) {
+            next.lock().unwrap().next().unwrap_or(Action::Pass)
+        } else {
+            Action::Pass
+        }
+    }
+}
+
+/// The objects a fetch reads a body of.
+#[derive(Clone, Copy, PartialEq)]
+enum Object {
+    Index,
+    Manifest,
+    Config,
+    Layer,
+}
+
+/// Fetch an index-pinned Nix image through a proxy that deals
+/// [`cut_reset_503`] to the GETs of `object`; the run succeeds with the
+/// right seed, and each GET is as the fault left it. Blobs are resumed with
+/// Range from the half that arrived; manifests are asked for whole again.
+fn fetch_through_a_cut(object: Object) {
+    let reg = Registry::start();
+    let seeds = [(1, 40_000), (2, 40_000)];
+    let (img, layers) = nix_image(&reg.addr, "pub/nix", "v1", &seeds);
+    let index = push_index(&reg.addr, "pub/nix", None, Media::Oci, &[&img]);
+    let manifest: serde_json::Value = serde_json::from_slice(&img.body).unwrap();
+    let (digest, size) = match object {
+        Object::Index => (index.digest.clone(), index.body.len() as u64),
+        Object::Manifest => (img.digest.clone(), img.body.len() as u64),
+        Object::Config => (
+            manifest["config"]["digest"].as_str().unwrap().to_string(),
+            manifest["config"]["size"].as_u64().unwrap(),
+        ),
+        Object::Layer => (layers[1].digest.clone(), layers[1].bytes.len() as u64),
+    };
+    let half = size / 2;
+    let proxy = Proxy::start("127.0.0.1", &reg.addr, {
+        let digest = digest.clone();
+        in_turn(
+            move |r| r.method == "GET" && r.path.ends_with(&digest),
+            cut_reset_503(half),
+        )
+    });
+    let env = TestEnv::new();
+    let reference = format!("{}/pub/nix@{}", proxy.addr, index.digest);
+    let out = run_within(
+        hydrafy(&env).args(["fetch", "--plain-http", "-q", &reference, "-o", "out"]),
+        HANG,
+    );
+    assert_ok(&out);
+    assert_seed(&env.join("out"), &seeds);
+
+    let seen = proxy.seen_settled();
+    let gets: Vec<_> = gets_of(&seen, &digest)
+        .into_iter()
+        .map(|g| (g.status, g.body_bytes, g.request.header("range")))
+        .collect();
+    let blob = matches!(object, Object::Config | Object::Layer);
+    let resume = format!("bytes={half}-");
+    let range = blob.then_some(resume.as_str());
+    let rest = if blob { size - half } else { size };
+    assert_eq!(
+        gets,
+        [
+            (200, half, None),
+            (0, 0, range),
+            (503, 0, range),
+            (if blob { 206 } else { 200 }, rest, range),
+        ],
+        "GETs of {digest} (cut, dropped, 503, served)"
+    );
+}
+
+#[test]
+fn a_body_cut_short_is_retried_for_an_index() {
+    fetch_through_a_cut(Object::Index);
+}
+
+#[test]
+fn a_body_cut_short_is_retried_for_a_manifest() {
+    fetch_through_a_cut(Object::Manifest);
+}
+
+#[test]
+fn a_body_cut_short_is_retried_for_a_config() {
+    fetch_through_a_cut(Object::Config);
+}
+
+#[test]
+fn a_body_cut_short_is_retried_for_a_layer() {
+    fetch_through_a_cut(Object::Layer);
+}
+
+/// A registry with `auth: token` over `plain`'s storage whose realm is a
+/// proxy in front of a public-pull issuer, dealing `actions` to the token
+/// requests in turn. Fetches `plain`'s image through it, within [`HANG`],
+/// with a floor of 1000 B/s over 1 s.
+fn fetch_with_token_faults(actions: Vec<Action>) -> (Output, TestEnv, Vec<Seen>, usize) {
+    let plain = Registry::start();
+    let (img, _) = nix_image(&plain.addr, "pub/nix", "v1", &TOKEN_SEEDS);
+    let issuer = Issuer::start(Policy {
+        public: vec!["pub/nix".into()],
+        user: None,
+        refresh_token: None,
+        expires_in: 300,
+        valid_for: 300,
+    });
+    let realm = Proxy::start(
+        "127.0.0.1",
+        &issuer.addr,
+        in_turn(|r| r.path.starts_with("/token"), actions),
+    );
+    let reg = Registry::start_sharing(&issuer.registry_config_via(&realm.addr), &plain);
+    let env = TestEnv::new();
+    let reference = format!("{}/pub/nix@{}", reg.addr, img.digest);
+    let out = run_within(
+        hydrafy(&env).env("HYDRAFY_LOW_SPEED", "1000/1").args([
+            "fetch",
+            "--plain-http",
+            "-q",
+            &reference,
+            "-o",
+            "out",
+        ]),
+        HANG,
+    );
+    let seen = realm.seen_settled();
+    (out, env, seen, issuer.requests().len())
+}
+
+const TOKEN_SEEDS: [(u64, usize); 1] = [(1, 20_000)];
+
+#[test]
+fn a_body_cut_short_is_retried_for_a_token_answer() {
+    let (out, env, seen, issued) = fetch_with_token_faults(cut_reset_503(40));
+    assert_ok(&out);
+    assert_seed(&env.join("out"), &TOKEN_SEEDS);
+    let asked: Vec<_> = seen.iter().map(|s| (s.status, s.body_bytes)).collect();
+    assert_eq!(asked.len(), 4, "{asked:?}");
+    assert_eq!(&asked[..3], [(200, 40), (0, 0), (503, 0)]);
+    assert!(asked[3].0 == 200 && asked[3].1 > 40, "{asked:?}");
+    assert_eq!(
+        issued, 2,
+        "the dropped and the 503 never reached the issuer"
+    );
+}
+
+#[test]
+fn a_token_service_that_trickles_its_answer_or_headers_is_asked_again() {
+    let every = Duration::from_millis(500);
+    let (out, env, seen, issued) =
+        fetch_with_token_faults(vec![Action::Trickle(every), Action::TrickleHead(every)]);
+    assert_ok(&out);
+    assert_seed(&env.join("out"), &TOKEN_SEEDS);
+    let asked: Vec<_> = seen.iter().map(|s| s.status).collect();
+    assert_eq!(asked, [200, 200, 200], "trickled, trickled, served");
+    assert_eq!(issued, 3);
+}
+
+/// Fetch through a proxy that deals `action` to every manifest GET, with a
+/// floor of 1000 B/s over 1 s: the run fails on one line naming the source
+/// and what it managed, after the usual five attempts, and DIR is untouched.
+fn fetch_a_trickling_manifest(action: Action, managed: &str) {
+    let reg = Registry::start();
+    let (img, _) = nix_image(&reg.addr, "pub/nix", "v1", &[(1, 1000)]);
+    let proxy = Proxy::start("127.0.0.1", &reg.addr, move |r| {
+        if r.is_manifest() {
+            action.clone()
+        } else {
+            Action::Pass
+        }
+    });
+    let env = TestEnv::new();
+    let reference = format!("{}/pub/nix@{}", proxy.addr, img.digest);
+    let out = run_within(
+        hydrafy(&env).env("HYDRAFY_LOW_SPEED", "1000/1").args([
+            "fetch",
+            "--plain-http",
+            "-q",
+            &reference,
+            "-o",
+            "out",
+        ]),
+        HANG,
+    );
+    assert_fails(
+        &out,
+        1,
+        &[
+            &format!("manifest {}", img.digest),
+            &format!("({})", proxy.addr),
+            "transfer too slow: ",
+            managed,
+            "(floor 1000 B/s)",
+        ],
+    );
+    assert!(!env.join("out").exists());
+    let gets = proxy
+        .seen_settled()
+        .iter()
+        .filter(|s| s.request.is_manifest())
+        .count();
+    assert_eq!(gets, 5, "each slow transfer is a failed attempt");
+}
+
+#[test]
+fn a_source_that_trickles_a_manifest_fails_the_run_instead_of_hanging_it() {
+    fetch_a_trickling_manifest(
+        Action::Trickle(Duration::from_millis(500)),
+        " B/s over 1 s ",
+    );
+}
+
+#[test]
+fn a_source_that_trickles_its_headers_fails_the_run_instead_of_hanging_it() {
+    fetch_a_trickling_manifest(
+        Action::TrickleHead(Duration::from_millis(500)),
+        "no answer in 1 s ",
+    );
 }
 
 // -------------------------------------------------------------------- cache
@@ -1250,6 +1549,65 @@ fn a_mirror_serving_another_image_for_the_pinned_digest_is_skipped() {
         "{err}"
     );
     assert_eq!(json(&out)["digest"], img.digest);
+}
+
+#[test]
+fn a_mirror_that_trickles_a_blob_is_given_up_on_for_the_origin() {
+    let origin = Registry::start();
+    let seeds = [(1, 50_000), (2, 50_000)];
+    let (img, layers) = nix_image(&origin.addr, "pub/nix", "v1", &seeds);
+    let at_origin = Proxy::start("127.0.0.1", &origin.addr, |_| Action::Pass);
+    let mirror = Registry::start_with(&format!("proxy:\n  remoteurl: http://{}\n", origin.addr));
+    let slow = layers[2].digest.clone();
+    let at_mirror = Proxy::start("127.0.0.1", &mirror.addr, move |r| {
+        if r.path.ends_with(&slow) {
+            Action::Trickle(Duration::from_millis(500))
+        } else {
+            Action::Pass
+        }
+    });
+    let env = TestEnv::new();
+    let reference = format!("{}/pub/nix@{}", at_origin.addr, img.digest);
+    let mirror_arg = format!("{}=http://{}", at_origin.addr, at_mirror.addr);
+    let out = run_within(
+        hydrafy(&env).env("HYDRAFY_LOW_SPEED", "1000/1").args([
+            "fetch",
+            "--plain-http",
+            "--mirror",
+            &mirror_arg,
+            &reference,
+            "-o",
+            "out",
+        ]),
+        HANG,
+    );
+    assert_ok(&out);
+    assert_seed(&env.join("out"), &seeds);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "mirror http://{}: blob {}",
+            at_mirror.addr, layers[2].digest
+        )) && err.contains("transfer too slow: ")
+            && err.contains("(floor 1000 B/s)")
+            && err.contains("trying the next source"),
+        "{err}"
+    );
+    assert_eq!(
+        gets_of(&at_mirror.seen_settled(), &layers[2].digest).len(),
+        5,
+        "each slow transfer is a failed attempt"
+    );
+    let from_origin: Vec<_> = at_origin
+        .seen_settled()
+        .into_iter()
+        .map(|s| s.request.path)
+        .collect();
+    assert_eq!(
+        from_origin,
+        [format!("/v2/pub/nix/blobs/{}", layers[2].digest)],
+        "the origin is asked for the blob the mirror trickled, and only that"
+    );
 }
 
 // ---------------------------------------------------------------------- TLS

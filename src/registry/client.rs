@@ -28,11 +28,16 @@
 //!   A tag is resolved with HEAD where only its digest is needed (Docker Hub
 //!   counts manifest GETs, not HEADs).
 //! - Flaky networks: connection failures, timeouts and 5xx are retried with
-//!   exponential backoff and jitter, a bounded number of times; a blob
-//!   transfer that breaks off resumes with a Range request from the bytes
-//!   already received (restarting from zero when the server ignores Range),
-//!   across runs too (see [`crate::blobs::store`]), and the whole blob is
+//!   exponential backoff and jitter, a bounded number of times. Every body
+//!   (manifest, index, config, layer, token answer) is read by one loop,
+//!   `Registry::fetch_body`: a transfer that breaks off is asked for again,
+//!   a blob with a Range request from the bytes already received (restarting
+//!   from zero when the server ignores Range; across runs too, see
+//!   [`crate::blobs::store`]), anything else from the start; the whole blob is
 //!   verified at the end.
+//! - Trickles: a transfer slower than the floor of [`LOW_SPEED`] (its
+//!   headers included) counts as a failed attempt, like a broken one, so a
+//!   source that sends a byte now and then cannot hold a run forever.
 //! - Mirrors are tried in order before the origin; whatever serves the bytes,
 //!   they are verified against the pinned digest, and a mirror that fails or
 //!   lies is skipped with a warning.
@@ -59,7 +64,82 @@ use crate::ui::progress::Reporter;
 
 const USER_AGENT: &str = concat!("hydrafy/", env!("CARGO_PKG_VERSION"));
 /// The largest token-service answer read (Docker Hub's are a few KB).
-const MAX_TOKEN_RESPONSE: usize = 1 << 20;
+const MAX_TOKEN_RESPONSE: u64 = 1 << 20;
+/// The most of an error answer's body read, to quote it.
+const MAX_ERROR_BODY: u64 = 4 << 10;
+
+/// A floor on transfer speed: less than `bytes_per_sec` averaged over
+/// `window` (or no response headers within `window`) fails the attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LowSpeed {
+    /// 0: no floor.
+    pub bytes_per_sec: u64,
+    pub window: Duration,
+}
+
+/// The floor every transfer must keep: 1000 bytes/s averaged over 30 s.
+///
+/// The 30 s window is curl's and cargo's (`http.low-speed-limit` is judged
+/// over `http.timeout`, 30 s): long enough to ride out a congested link or a
+/// few TCP retransmissions, short enough that a stuck source is left within
+/// a minute. The rate is higher than cargo's 10 B/s because what hydrafy
+/// reads is bigger: a link managing under 1 kB/s would take days over one
+/// large layer, so giving up on it for the next source (or a clear error)
+/// loses nothing, while 1 kB/s is far below any working link, even a
+/// congested one shared by many jobs. A trickle used to keep a run waiting
+/// forever: the read timeout only notices silence. [`LOW_SPEED_ENV`]
+/// replaces the figures.
+pub const LOW_SPEED: LowSpeed = LowSpeed {
+    bytes_per_sec: 1000,
+    window: Duration::from_secs(30),
+};
+
+/// `BYTES/SECONDS` in this variable replaces [`LOW_SPEED`] (`0/1`: no floor):
+/// for tests, which stage trickles in seconds, and for operators whose links
+/// need other figures.
+pub const LOW_SPEED_ENV: &str = "HYDRAFY_LOW_SPEED";
+
+impl FromStr for LowSpeed {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || {
+            "expected BYTES/SECONDS (bytes per second, averaged over seconds), as 1000/30"
+                .to_string()
+        };
+        let (bytes, secs) = s.trim().split_once('/').ok_or_else(bad)?;
+        let bytes_per_sec = bytes.trim().parse().map_err(|_| bad())?;
+        let secs: u64 = secs.trim().parse().map_err(|_| bad())?;
+        if secs == 0 {
+            return Err("the window must be at least 1 second".to_string());
+        }
+        Ok(LowSpeed {
+            bytes_per_sec,
+            window: Duration::from_secs(secs),
+        })
+    }
+}
+
+impl LowSpeed {
+    /// [`LOW_SPEED_ENV`] when set, else `self`.
+    fn or_from_env(self) -> Result<LowSpeed> {
+        match std::env::var(LOW_SPEED_ENV) {
+            Ok(v) => v
+                .parse()
+                .map_err(|reason: String| Error::invalid(LOW_SPEED_ENV, v, reason)),
+            Err(_) => Ok(self),
+        }
+    }
+
+    fn too_slow(&self, target: &str, rate: Option<u64>) -> Error {
+        Error::TooSlow {
+            target: target.to_string(),
+            rate,
+            window: self.window.as_secs(),
+            floor: self.bytes_per_sec,
+        }
+    }
+}
 
 /// How to reach registries.
 #[derive(Clone, Debug)]
@@ -78,6 +158,8 @@ pub struct RegistryOptions {
     pub backoff: Duration,
     /// Give up on a connection that sends nothing for this long.
     pub read_timeout: Duration,
+    /// Give up on a transfer slower than this ([`LOW_SPEED_ENV`] overrides it).
+    pub low_speed: LowSpeed,
 }
 
 impl Default for RegistryOptions {
@@ -90,6 +172,7 @@ impl Default for RegistryOptions {
             max_retry_after: Duration::from_secs(60),
             backoff: Duration::from_millis(500),
             read_timeout: Duration::from_secs(60),
+            low_speed: LOW_SPEED,
         }
     }
 }
@@ -245,11 +328,15 @@ impl Registry {
         let http = builder.build().map_err(|e| {
             Error::registry(image.to_string(), format!("cannot set up HTTP client: {e}"))
         })?;
+        let opts = RegistryOptions {
+            low_speed: opts.low_speed.or_from_env()?,
+            ..opts.clone()
+        };
         Ok(Registry {
             http,
             image: image.clone(),
             endpoints,
-            opts: opts.clone(),
+            opts,
             reporter,
             cache: None,
         })
@@ -320,32 +407,24 @@ impl Registry {
 
     async fn manifest_from(&self, ep: &Endpoint, reference: &str) -> Result<Vec<u8>> {
         let path = format!("manifests/{reference}");
-        let mut resp = self.send(ep, Method::GET, &path, None, "manifest").await?;
-        let target = format!("{} manifest {reference}", self.image.name());
-        if resp
-            .content_length()
-            .is_some_and(|n| n > MAX_MANIFEST_BYTES)
-        {
-            return Err(Error::registry(
-                target,
+        let target = format!(
+            "{} manifest {reference} ({})",
+            self.image.name(),
+            ep.label()
+        );
+        let mut body = Memory::new(MAX_MANIFEST_BYTES, |_| {
+            Error::registry(
+                &target,
                 format!("manifest larger than {MAX_MANIFEST_BYTES} bytes"),
-            ));
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| http_error(&target, "download interrupted", e))?
-        {
-            body.extend_from_slice(&chunk);
-            if body.len() as u64 > MAX_MANIFEST_BYTES {
-                return Err(Error::registry(
-                    target,
-                    format!("manifest larger than {MAX_MANIFEST_BYTES} bytes"),
-                ));
-            }
-        }
-        Ok(body)
+            )
+        });
+        let source = Source::Registry {
+            ep,
+            path: &path,
+            what: "manifest",
+        };
+        self.fetch_body(&source, &target, &mut body, None).await?;
+        Ok(body.bytes)
     }
 
     /// The digest a tag points at now, from a HEAD request (Docker Hub does
@@ -402,31 +481,26 @@ impl Registry {
 
     async fn blob_bytes_from_sources(&self, desc: &Descriptor) -> Result<Vec<u8>> {
         let mut last_err = None;
+        let path = format!("blobs/{}", desc.digest);
         for ep in &self.endpoints {
             let result = async {
-                let mut resp = self
-                    .send(
-                        ep,
-                        Method::GET,
-                        &format!("blobs/{}", desc.digest),
-                        None,
-                        "blob",
-                    )
+                let target = format!("blob {} ({})", desc.digest, ep.label());
+                let mut body = Memory::new(desc.size, |found| Error::SizeMismatch {
+                    what: "blob",
+                    digest: desc.digest,
+                    expected: desc.size,
+                    found,
+                    truncated: true,
+                });
+                let source = Source::Registry {
+                    ep,
+                    path: &path,
+                    what: "blob",
+                };
+                self.fetch_body(&source, &target, &mut body, Some(desc))
                     .await?;
-                let target = format!("blob {}", desc.digest);
-                let mut body = Vec::new();
-                while let Some(chunk) = resp
-                    .chunk()
-                    .await
-                    .map_err(|e| http_error(&target, "download interrupted", e))?
-                {
-                    body.extend_from_slice(&chunk);
-                    if body.len() as u64 > desc.size {
-                        break;
-                    }
-                }
-                check_bytes(desc, &body)?;
-                Ok(body)
+                check_bytes(desc, &body.bytes)?;
+                Ok(body.bytes)
             }
             .await;
             match result {
@@ -543,8 +617,7 @@ impl Registry {
         }
     }
 
-    /// Fill `writer` from one source, resuming with Range requests whenever
-    /// the transfer breaks off, until the server has sent the whole blob.
+    /// Fill `writer` from one source (see [`Registry::fetch_body`]).
     async fn download_from(
         &self,
         ep: &Endpoint,
@@ -554,18 +627,51 @@ impl Registry {
     ) -> Result<()> {
         let target = format!("blob {} ({})", desc.digest, ep.label());
         let path = format!("blobs/{}", desc.digest);
-        // Breaks that brought no new byte, and breaks in all: both bounded.
+        let source = Source::Registry {
+            ep,
+            path: &path,
+            what: "blob",
+        };
+        let mut sink = Download {
+            writer,
+            received,
+            reporter: &*self.reporter,
+        };
+        self.fetch_body(&source, &target, &mut sink, Some(desc))
+            .await
+            .map(drop)
+    }
+
+    /// Read one body from `source` into `sink`: the one way every body is
+    /// read, so that a manifest, a config or a token answer survives what a
+    /// layer does. A transfer that breaks off (cut, reset, silent past the
+    /// read timeout, or slower than the floor) is asked for again after a
+    /// backoff: a blob (`blob` given) from the bytes received, with Range,
+    /// anything else from the start. Tries that bring nothing new (a slow
+    /// one never counts as bringing anything) are bounded by `attempts`,
+    /// breaks in all by ten times that. Returns the status of the answer
+    /// read: a token service's refusal has a body to quote.
+    async fn fetch_body(
+        &self,
+        source: &Source<'_>,
+        target: &str,
+        sink: &mut (dyn Sink + Send),
+        blob: Option<&Descriptor>,
+    ) -> Result<StatusCode> {
         let mut stalled = 0;
         let mut breaks = 0;
         loop {
-            let offset = writer.len();
-            if offset == desc.size {
+            let offset = sink.len();
+            if blob.is_some_and(|d| d.size == offset) {
                 // Everything is here (an earlier run stopped just before the
-                // end, or before naming the blob): the commit verifies it.
-                return Ok(());
+                // end, or before naming the blob): the caller verifies it.
+                return Ok(StatusCode::OK);
             }
-            let range = (offset > 0).then_some(offset);
-            let mut resp = self.send(ep, Method::GET, &path, range, "blob").await?;
+            let range = (blob.is_some() && offset > 0).then_some(offset);
+            if blob.is_none() {
+                sink.restart()?;
+            }
+            let mut resp = self.open(source, range, target).await?;
             if range.is_some() {
                 let status = resp.status();
                 let start = resp
@@ -577,10 +683,10 @@ impl Registry {
                     // Resumed where it stopped.
                 } else if status == StatusCode::OK {
                     // The server ignored Range and sends the whole blob.
-                    writer.restart()?;
+                    sink.restart()?;
                 } else {
                     // 416, or a range that is not the one asked for: start over.
-                    writer.restart()?;
+                    sink.restart()?;
                     stalled += 1;
                     if stalled >= self.opts.attempts {
                         return Err(Error::registry(
@@ -591,68 +697,110 @@ impl Registry {
                     continue;
                 }
             }
-            let before = writer.len();
+            let before = sink.len();
+            let mut pace = Pace::new(self.opts.low_speed);
             let failure = loop {
-                match resp.chunk().await {
-                    Ok(Some(chunk)) => {
-                        writer.write(&chunk)?;
-                        *received += chunk.len() as u64;
-                        self.reporter.downloaded(chunk.len() as u64);
-                    }
+                match pace.chunk(&mut resp).await {
+                    Ok(Some(chunk)) => sink.write(&chunk)?,
                     Ok(None) => break None,
-                    Err(e) => break Some(e),
+                    Err(b) => break Some(b),
                 }
             };
-            let Some(e) = failure else {
+            let Some(failure) = failure else {
                 // The server sent all it has for this blob: that is its size.
-                if writer.len() != desc.size {
+                if let Some(desc) = blob
+                    && sink.len() != desc.size
+                {
                     return Err(Error::SizeMismatch {
                         what: "blob",
                         digest: desc.digest,
                         expected: desc.size,
-                        found: writer.len(),
+                        found: sink.len(),
                         truncated: false,
                     });
                 }
-                return Ok(());
+                return Ok(resp.status());
             };
-            // The transfer broke off: resume from what arrived.
             breaks += 1;
-            if writer.len() > before {
+            let kept = blob.is_some() && sink.len() > before;
+            if kept && !matches!(failure, Break::TooSlow { .. }) {
                 stalled = 0;
             } else {
                 stalled += 1;
             }
             if stalled >= self.opts.attempts || breaks > self.opts.attempts * 10 {
-                return Err(http_error(
-                    &target,
-                    "download interrupted too many times",
-                    e,
-                ));
+                return Err(match failure {
+                    Break::Http(e) => http_error(target, "download interrupted too many times", e),
+                    Break::TooSlow { rate } => self.opts.low_speed.too_slow(target, Some(rate)),
+                });
             }
             tokio::time::sleep(self.backoff(stalled.max(1))).await;
         }
     }
 
-    /// Exponential backoff with jitter: `backoff * 2^(attempt-1)`, plus up to half again.
+    /// Ask `source` for its body (from byte `range` on), as one request of
+    /// [`Registry::fetch_body`].
+    async fn open(
+        &self,
+        source: &Source<'_>,
+        range: Option<u64>,
+        target: &str,
+    ) -> Result<reqwest::Response> {
+        match source {
+            Source::Registry { ep, path, what } => {
+                self.send(ep, Method::GET, path, range, what).await
+            }
+            Source::Token(build) => {
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    let Some(resp) = self.try_send(build(), attempt, target).await? else {
+                        continue;
+                    };
+                    let status = resp.status();
+                    if (status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS)
+                        && attempt < self.opts.attempts
+                    {
+                        let wait =
+                            retry_after(resp.headers()).filter(|w| *w <= self.opts.max_retry_after);
+                        tokio::time::sleep(wait.unwrap_or_else(|| self.backoff(attempt))).await;
+                        continue;
+                    }
+                    return Ok(resp);
+                }
+            }
+        }
+    }
+
     /// Send `req` as attempt number `attempt`. `Ok(None)`: the connection
-    /// failed in a way worth another attempt, and the backoff has been slept.
+    /// failed in a way worth another attempt, or the response headers did
+    /// not come within the low-speed window, and the backoff has been slept.
     async fn try_send(
         &self,
         req: reqwest::RequestBuilder,
         attempt: u32,
         target: &str,
     ) -> Result<Option<reqwest::Response>> {
-        match req.send().await {
-            Ok(r) => Ok(Some(r)),
-            Err(e) if attempt < self.opts.attempts && transient(&e) => {
-                tokio::time::sleep(self.backoff(attempt)).await;
-                Ok(None)
+        let floor = self.opts.low_speed;
+        let sent = if floor.bytes_per_sec == 0 {
+            Ok(req.send().await)
+        } else {
+            tokio::time::timeout(floor.window, req.send()).await
+        };
+        let retry = attempt < self.opts.attempts;
+        match sent {
+            Ok(Ok(r)) => return Ok(Some(r)),
+            Ok(Err(e)) if !(retry && transient(&e)) => {
+                return Err(http_error(target, connect_hint(&e), e));
             }
-            Err(e) => Err(http_error(target, connect_hint(&e), e)),
+            Err(_) if !retry => return Err(floor.too_slow(target, None)),
+            Ok(Err(_)) | Err(_) => {}
         }
+        tokio::time::sleep(self.backoff(attempt)).await;
+        Ok(None)
     }
 
+    /// Exponential backoff with jitter: `backoff * 2^(attempt-1)`, plus up to half again.
     fn backoff(&self, attempt: u32) -> Duration {
         let base = self
             .opts
@@ -672,6 +820,12 @@ impl Registry {
     ) -> Result<reqwest::Response> {
         let url = format!("{}/v2/{}/{}", ep.base, self.image.repository, path);
         let target = format!("{} ({})", self.image.name(), ep.label());
+        // What a failure to get any answer names: the object asked for.
+        let name = path.rsplit('/').next().unwrap_or(path);
+        let object = match what {
+            "blob" => format!("blob {name} ({})", ep.label()),
+            _ => format!("{} {what} {name} ({})", self.image.name(), ep.label()),
+        };
         let mut attempt = 0;
         let mut challenged = false;
         loop {
@@ -687,7 +841,7 @@ impl Registry {
             if let Some(header) = &sent_auth {
                 req = req.header(AUTHORIZATION, header);
             }
-            let Some(resp) = self.try_send(req, attempt, &target).await? else {
+            let Some(resp) = self.try_send(req, attempt, &object).await? else {
                 continue;
             };
             let status = resp.status();
@@ -759,21 +913,19 @@ impl Registry {
                     ));
                 }
                 s => {
-                    let body = if method == Method::HEAD {
+                    let excerpt = if method == Method::HEAD {
                         String::new()
                     } else {
-                        resp.text().await.unwrap_or_default()
+                        self.excerpt(resp).await
                     };
-                    let excerpt: String = body.chars().take(300).collect();
                     return Err(Error::registry(
                         target,
                         format!(
-                            "the registry answered {s} for {what} {}{}",
-                            path.rsplit('/').next().unwrap_or(path),
+                            "the registry answered {s} for {what} {name}{}",
                             if excerpt.is_empty() {
                                 String::new()
                             } else {
-                                format!(": {}", crate::error::sanitize(excerpt.trim()))
+                                format!(": {excerpt}")
                             }
                         ),
                     ));
@@ -913,75 +1065,84 @@ impl Registry {
             realm_url.host_str().unwrap_or("?")
         );
         let scope = auth::pull_scope(&self.image.repository);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let req = match &creds {
-                Some(Credentials::IdentityToken(refresh)) => self
-                    .http
-                    .post(realm_url.clone())
-                    .form(&auth::refresh_form(refresh, service, &scope)),
-                creds => {
-                    let mut url = realm_url.clone();
-                    {
-                        let mut q = url.query_pairs_mut();
-                        q.append_pair("scope", &scope);
-                        if let Some(s) = service {
-                            q.append_pair("service", s);
-                        }
-                        if let Some(Credentials::Password { username, .. }) = creds {
-                            q.append_pair("account", username);
-                        }
+        let build = || match &creds {
+            Some(Credentials::IdentityToken(refresh)) => self
+                .http
+                .post(realm_url.clone())
+                .form(&auth::refresh_form(refresh, service, &scope)),
+            creds => {
+                let mut url = realm_url.clone();
+                {
+                    let mut q = url.query_pairs_mut();
+                    q.append_pair("scope", &scope);
+                    if let Some(s) = service {
+                        q.append_pair("service", s);
                     }
-                    let req = self.http.get(url);
-                    match creds.as_ref().and_then(auth::basic_header) {
-                        Some(basic) => req.header(AUTHORIZATION, basic),
-                        None => req,
+                    if let Some(Credentials::Password { username, .. }) = creds {
+                        q.append_pair("account", username);
                     }
                 }
-            };
-            let Some(resp) = self.try_send(req, attempt, &target).await? else {
-                continue;
-            };
-            let status = resp.status();
-            if (status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS)
-                && attempt < self.opts.attempts
-            {
-                let wait = retry_after(resp.headers()).filter(|w| *w <= self.opts.max_retry_after);
-                tokio::time::sleep(wait.unwrap_or_else(|| self.backoff(attempt))).await;
-                continue;
+                let req = self.http.get(url);
+                match creds.as_ref().and_then(auth::basic_header) {
+                    Some(basic) => req.header(AUTHORIZATION, basic),
+                    None => req,
+                }
             }
-            let received = Instant::now();
-            let body = read_bounded(resp, MAX_TOKEN_RESPONSE)
-                .await
-                .map_err(|e| http_error(&target, "token download interrupted", e))?;
-            if !status.is_success() {
-                let excerpt: String = String::from_utf8_lossy(&body).chars().take(300).collect();
-                let reason = match (&creds, status) {
-                    // OAuth2 answers a bad refresh token with 400 invalid_grant.
-                    (
-                        Some(c),
-                        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::BAD_REQUEST,
-                    ) => format!(
-                        "refused the credentials for {} ({}) from docker's config.json ({status}); \
-                         check them with `docker login {}`",
-                        ep.credentials_key,
-                        c.who(),
-                        ep.credentials_key
-                    ),
-                    _ => format!("refused a pull token ({status})"),
-                };
-                return Err(Error::registry(
-                    target,
-                    if excerpt.trim().is_empty() {
-                        reason
-                    } else {
-                        format!("{reason}: {}", crate::error::sanitize(excerpt.trim()))
-                    },
-                ));
-            }
-            return auth::parse_token(&body, received).map_err(|e| Error::registry(target, e));
+        };
+        // Before the answer, so the token is renewed early rather than late.
+        let asked = Instant::now();
+        let mut body = Memory::new(MAX_TOKEN_RESPONSE, |_| {
+            Error::registry(
+                &target,
+                format!("the token answer is larger than {MAX_TOKEN_RESPONSE} bytes"),
+            )
+        });
+        // Boxed: a body's request can need a token (on a 401), and the
+        // token's body is read by the same loop; async recursion needs a box.
+        let status =
+            Box::pin(self.fetch_body(&Source::Token(&build), &target, &mut body, None)).await?;
+        let body = body.bytes;
+        if !status.is_success() {
+            let excerpt: String = String::from_utf8_lossy(&body).chars().take(300).collect();
+            let reason = match (&creds, status) {
+                // OAuth2 answers a bad refresh token with 400 invalid_grant.
+                (
+                    Some(c),
+                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::BAD_REQUEST,
+                ) => format!(
+                    "refused the credentials for {} ({}) from docker's config.json ({status}); \
+                     check them with `docker login {}`",
+                    ep.credentials_key,
+                    c.who(),
+                    ep.credentials_key
+                ),
+                _ => format!("refused a pull token ({status})"),
+            };
+            return Err(Error::registry(
+                target,
+                if excerpt.trim().is_empty() {
+                    reason
+                } else {
+                    format!("{reason}: {}", crate::error::sanitize(excerpt.trim()))
+                },
+            ));
         }
+        auth::parse_token(&body, asked).map_err(|e| Error::registry(target, e))
+    }
+
+    /// The start of an error answer's body, to quote: what arrives of its
+    /// first few KB at the floor's pace (a failure to read it is no error).
+    async fn excerpt(&self, mut resp: reqwest::Response) -> String {
+        let mut body = Vec::new();
+        let mut pace = Pace::new(self.opts.low_speed);
+        while let Ok(Some(chunk)) = pace.chunk(&mut resp).await {
+            body.extend_from_slice(&chunk);
+            if body.len() as u64 >= MAX_ERROR_BODY {
+                break;
+            }
+        }
+        let text: String = String::from_utf8_lossy(&body).chars().take(300).collect();
+        crate::error::sanitize(text.trim())
     }
 
     /// The endpoints in the order they are tried, for messages.
@@ -990,20 +1151,152 @@ impl Registry {
     }
 }
 
-/// A response body, up to `max` bytes (what is past it is dropped).
-async fn read_bounded(
-    mut resp: reqwest::Response,
-    max: usize,
-) -> std::result::Result<Vec<u8>, reqwest::Error> {
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await? {
-        body.extend_from_slice(&chunk);
-        if body.len() > max {
-            body.truncate(max);
-            break;
+/// What a body is asked for from, by [`Registry::fetch_body`].
+enum Source<'a> {
+    /// `path` in the image's repository on `ep`, sent as [`Registry::send`] does.
+    Registry {
+        ep: &'a Endpoint,
+        path: &'a str,
+        what: &'static str,
+    },
+    /// A token service; the request is built afresh for each attempt.
+    Token(&'a (dyn Fn() -> reqwest::RequestBuilder + Sync)),
+}
+
+/// Where a body goes as it arrives.
+trait Sink {
+    fn len(&self) -> u64;
+    fn write(&mut self, chunk: &[u8]) -> Result<()>;
+    /// Forget what arrived: the body starts over.
+    fn restart(&mut self) -> Result<()>;
+}
+
+/// A body read into memory (manifests, configs, token answers), up to `max`
+/// bytes; more is the error `overflow` makes of the length reached.
+struct Memory<F> {
+    bytes: Vec<u8>,
+    max: u64,
+    overflow: F,
+}
+
+impl<F: Fn(u64) -> Error> Memory<F> {
+    fn new(max: u64, overflow: F) -> Memory<F> {
+        Memory {
+            bytes: Vec::new(),
+            max,
+            overflow,
         }
     }
-    Ok(body)
+}
+
+impl<F: Fn(u64) -> Error> Sink for Memory<F> {
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn write(&mut self, chunk: &[u8]) -> Result<()> {
+        let len = self.len() + chunk.len() as u64;
+        if len > self.max {
+            return Err((self.overflow)(len));
+        }
+        self.bytes.extend_from_slice(chunk);
+        Ok(())
+    }
+
+    fn restart(&mut self) -> Result<()> {
+        self.bytes.clear();
+        Ok(())
+    }
+}
+
+/// A layer blob streamed into the store, counted for progress.
+struct Download<'a> {
+    writer: &'a mut BlobWriter,
+    received: &'a mut u64,
+    reporter: &'a dyn Reporter,
+}
+
+impl Sink for Download<'_> {
+    fn len(&self) -> u64 {
+        self.writer.len()
+    }
+
+    fn write(&mut self, chunk: &[u8]) -> Result<()> {
+        self.writer.write(chunk)?;
+        *self.received += chunk.len() as u64;
+        self.reporter.downloaded(chunk.len() as u64);
+        Ok(())
+    }
+
+    fn restart(&mut self) -> Result<()> {
+        self.writer.restart()
+    }
+}
+
+/// Why a body stopped before its end.
+enum Break {
+    /// Cut, reset, or silent past the read timeout.
+    Http(reqwest::Error),
+    /// Slower than the floor: `rate` bytes/s over its window.
+    TooSlow { rate: u64 },
+}
+
+/// The low-speed floor kept on one body: bytes are counted in windows of
+/// the floor's length, and a window that ends short of `bytes_per_sec`
+/// times its length ends the transfer.
+struct Pace {
+    floor: LowSpeed,
+    start: Instant,
+    bytes: u64,
+}
+
+impl Pace {
+    fn new(floor: LowSpeed) -> Pace {
+        Pace {
+            floor,
+            start: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    /// The next chunk of `resp`'s body; `None` at its end.
+    async fn chunk(
+        &mut self,
+        resp: &mut reqwest::Response,
+    ) -> std::result::Result<Option<impl std::ops::Deref<Target = [u8]> + use<>>, Break> {
+        if self.floor.bytes_per_sec == 0 {
+            return resp.chunk().await.map_err(Break::Http);
+        }
+        loop {
+            let end = self.start + self.floor.window;
+            // Dropping a pending `chunk()` loses nothing: the body keeps its place.
+            match tokio::time::timeout_at(end.into(), resp.chunk()).await {
+                Ok(Ok(Some(chunk))) => {
+                    self.bytes += chunk.len() as u64;
+                    self.settle()?;
+                    return Ok(Some(chunk));
+                }
+                Ok(Ok(None)) => return Ok(None),
+                Ok(Err(e)) => return Err(Break::Http(e)),
+                Err(_) => self.settle()?,
+            }
+        }
+    }
+
+    /// At the end of a window: too slow, or on to the next window.
+    fn settle(&mut self) -> std::result::Result<(), Break> {
+        let elapsed = self.start.elapsed();
+        if elapsed < self.floor.window {
+            return Ok(());
+        }
+        let rate = (self.bytes as f64 / elapsed.as_secs_f64()) as u64;
+        if rate < self.floor.bytes_per_sec {
+            return Err(Break::TooSlow { rate });
+        }
+        self.start = Instant::now();
+        self.bytes = 0;
+        Ok(())
+    }
 }
 
 /// The first byte of `Content-Range: bytes FIRST-LAST/SIZE`.
@@ -1196,6 +1489,25 @@ mod tests {
             reg.sources(),
             ["mirror https://ghcr-mirror.example", "ghcr.io"]
         );
+    }
+
+    #[test]
+    fn a_low_speed_floor_is_bytes_per_second_over_seconds() {
+        assert_eq!(
+            "1000/30".parse(),
+            Ok(LowSpeed {
+                bytes_per_sec: 1000,
+                window: Duration::from_secs(30)
+            })
+        );
+        assert_eq!(
+            " 0 / 1 ".parse::<LowSpeed>().map(|l| l.bytes_per_sec),
+            Ok(0)
+        );
+        for bad in ["1000", "1000/0", "fast/30", "1000/1.5", "-1/30"] {
+            assert!(bad.parse::<LowSpeed>().is_err(), "{bad}");
+        }
+        assert_eq!(RegistryOptions::default().low_speed, LOW_SPEED);
     }
 
     #[test]

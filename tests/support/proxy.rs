@@ -66,6 +66,12 @@ pub enum Action {
     /// Forward this path instead, and pause as `PauseAfter` does (a lie that
     /// a reader has taken in part before the lie can be seen).
     ForwardPausing(String, u64, Duration),
+    /// Relay the head at once, then the body one byte per interval (a
+    /// source that trickles: never silent long enough for a read timeout).
+    Trickle(Duration),
+    /// Relay the head itself one byte per interval (a server that trickles
+    /// its headers, or is as good as never answering).
+    TrickleHead(Duration),
 }
 
 /// One logged exchange.
@@ -279,12 +285,35 @@ fn serve(
     if let Action::Delay(d) = &action {
         std::thread::sleep(*d);
     }
+    if let Action::TrickleHead(every) = action {
+        // Until the client gives up (a write fails) or the head is out.
+        for byte in head.as_bytes() {
+            if client.write_all(&[*byte]).is_err() {
+                break;
+            }
+            std::thread::sleep(every);
+        }
+        record(status, 0);
+        return Ok(());
+    }
     client.write_all(head.as_bytes())?;
     let limit = match action {
         Action::CutAfter(n) | Action::StallAfter(n) => Some(n),
         _ => None,
     };
     let mut sent = 0u64;
+    if let Action::Trickle(every) = action {
+        let mut byte = [0u8; 1];
+        while up_reader.read(&mut byte)? == 1 {
+            if client.write_all(&byte).is_err() {
+                break;
+            }
+            sent += 1;
+            std::thread::sleep(every);
+        }
+        record(status, sent);
+        return Ok(());
+    }
     let mut buf = vec![0u8; 64 << 10];
     let mut corrupted = false;
     let mut paused = false;

@@ -126,9 +126,14 @@ impl Issuer {
 
     /// The registry config that trusts this issuer.
     pub fn registry_config(&self) -> String {
+        self.registry_config_via(&self.addr)
+    }
+
+    /// The registry config that trusts this issuer and sends clients to the
+    /// realm at `realm_addr` (a proxy in front of the issuer, to stage faults).
+    pub fn registry_config_via(&self, realm_addr: &str) -> String {
         format!(
-            "auth:\n  token:\n    realm: http://{}/token\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
-            self.addr,
+            "auth:\n  token:\n    realm: http://{realm_addr}/token\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
             self.ca_pem.display()
         )
     }
