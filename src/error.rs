@@ -9,6 +9,35 @@ use std::path::PathBuf;
 
 use crate::oci::digest::Digest;
 
+/// How a registry refused, or what was wrong with its answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RegistryFailure {
+    /// 404: no such repository, tag or blob.
+    NotFound,
+    /// 401 after the credentials (if any) were tried.
+    Unauthorized,
+    /// 403.
+    Forbidden,
+    /// 429, with the figures the registry gave.
+    RateLimited {
+        /// `ratelimit-limit` and `ratelimit-remaining`, as sent.
+        limits: Option<String>,
+        /// What `Retry-After` asked for, when it was longer than hydrafy waits.
+        retry_after: Option<std::time::Duration>,
+    },
+    /// A 5xx that retries did not get past.
+    ServerError { status: u16 },
+    /// Any other status hydrafy cannot go on from.
+    Refused { status: u16 },
+    /// An answer hydrafy cannot use: too large, malformed, a bad range, a
+    /// token service that is not a URL.
+    BadAnswer,
+    /// No source could supply the object (the download that should have
+    /// brought it failed), or the HTTP client could not be set up.
+    Unavailable,
+}
+
 /// Result alias used throughout hydrafy.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -57,9 +86,15 @@ pub enum Error {
     #[error("{image}: {reason}")]
     Unsupported { image: String, reason: String },
 
-    /// A registry answered with an error, or could not be reached.
+    /// A registry answered with an error, or with something hydrafy cannot
+    /// use. `kind` says which, for callers that branch (retries, mirror
+    /// fallback, exit codes); `reason` is the sentence for the user.
     #[error("{target}: {reason}")]
-    Registry { target: String, reason: String },
+    Registry {
+        target: String,
+        kind: RegistryFailure,
+        reason: String,
+    },
 
     /// A network-level failure talking to a registry; the cause says which.
     #[error("{target}: {action}")]
@@ -187,10 +222,23 @@ impl Error {
     }
 
     /// Shorthand for [`Error::Registry`].
-    pub fn registry(target: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub fn registry(
+        target: impl Into<String>,
+        kind: RegistryFailure,
+        reason: impl Into<String>,
+    ) -> Self {
         Error::Registry {
             target: target.into(),
+            kind,
             reason: reason.into(),
+        }
+    }
+
+    /// The registry failure this is, if it is one.
+    pub fn registry_failure(&self) -> Option<&RegistryFailure> {
+        match self {
+            Error::Registry { kind, .. } => Some(kind),
+            _ => None,
         }
     }
 

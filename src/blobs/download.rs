@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::blobs::store::{BlobStore, Growing};
-use crate::error::{Error, Result};
+use crate::error::{Error, RegistryFailure, Result};
 use crate::oci::digest::Digest;
 use crate::oci::manifest::Descriptor;
 use crate::oci::resolve::ResolvedImage;
@@ -423,7 +423,11 @@ impl BlobBoard {
 }
 
 fn download_failed(digest: &Digest) -> Error {
-    Error::registry(format!("blob {digest}"), "the download failed")
+    Error::registry(
+        format!("blob {digest}"),
+        RegistryFailure::Unavailable,
+        "the download failed",
+    )
 }
 
 /// Reads a blob while it is downloaded, so that decompressing a large layer

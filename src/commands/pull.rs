@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::blobs::download::download_blobs;
 use crate::blobs::store::BlobStore;
-use crate::error::{Error, Result};
+use crate::error::{Error, RegistryFailure, Result};
 use crate::oci::digest::Digest;
 use crate::oci::layout::{BlobData, LayoutContent};
 use crate::oci::manifest::{Descriptor, MAX_CONFIG_BYTES, Manifest};
@@ -287,10 +287,13 @@ pub async fn pull(
 }
 
 fn paths_get(paths: &HashMap<Digest, PathBuf>, digest: &Digest) -> Result<PathBuf> {
-    paths
-        .get(digest)
-        .cloned()
-        .ok_or_else(|| Error::registry(format!("blob {digest}"), "was not downloaded"))
+    paths.get(digest).cloned().ok_or_else(|| {
+        Error::registry(
+            format!("blob {digest}"),
+            RegistryFailure::Unavailable,
+            "was not downloaded",
+        )
+    })
 }
 
 /// A private temporary directory beside `output` (same file system, so

@@ -54,7 +54,7 @@ use reqwest::{Method, StatusCode};
 use tokio::sync::{Mutex, OnceCell};
 
 use crate::blobs::store::{BlobStore, BlobWriter, Claim, Growing};
-use crate::error::{Error, Result};
+use crate::error::{Error, RegistryFailure, Result};
 use crate::oci::digest::Digest;
 use crate::oci::manifest::{Descriptor, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES};
 use crate::oci::reference::{DOCKER_HUB_API_HOST, ImageRef};
@@ -326,7 +326,11 @@ impl Registry {
             builder = builder.tls_certs_merge(certs);
         }
         let http = builder.build().map_err(|e| {
-            Error::registry(image.to_string(), format!("cannot set up HTTP client: {e}"))
+            Error::registry(
+                image.to_string(),
+                RegistryFailure::Unavailable,
+                format!("cannot set up HTTP client: {e}"),
+            )
         })?;
         let opts = RegistryOptions {
             low_speed: opts.low_speed.or_from_env()?,
@@ -387,8 +391,13 @@ impl Registry {
                 Err(e) => last_err = Some(self.next_source(ep, e)?),
             }
         }
-        Err(last_err
-            .unwrap_or_else(|| Error::registry(self.image.to_string(), "no registry endpoint")))
+        Err(last_err.unwrap_or_else(|| {
+            Error::registry(
+                self.image.to_string(),
+                RegistryFailure::Unavailable,
+                "no registry endpoint",
+            )
+        }))
     }
 
     /// A mirror's failure is a warning and the next source is tried; the
@@ -415,6 +424,7 @@ impl Registry {
         let mut body = Memory::new(MAX_MANIFEST_BYTES, |_| {
             Error::registry(
                 &target,
+                RegistryFailure::BadAnswer,
                 format!("manifest larger than {MAX_MANIFEST_BYTES} bytes"),
             )
         });
@@ -508,8 +518,13 @@ impl Registry {
                 Err(e) => last_err = Some(self.next_source(ep, e)?),
             }
         }
-        Err(last_err
-            .unwrap_or_else(|| Error::registry(self.image.to_string(), "no registry endpoint")))
+        Err(last_err.unwrap_or_else(|| {
+            Error::registry(
+                self.image.to_string(),
+                RegistryFailure::Unavailable,
+                "no registry endpoint",
+            )
+        }))
     }
 
     /// Download a blob into `store`, verified. An unfinished download left in
@@ -577,8 +592,13 @@ impl Registry {
                 break;
             }
         }
-        Err(last_err
-            .unwrap_or_else(|| Error::registry(self.image.to_string(), "no registry endpoint")))
+        Err(last_err.unwrap_or_else(|| {
+            Error::registry(
+                self.image.to_string(),
+                RegistryFailure::Unavailable,
+                "no registry endpoint",
+            )
+        }))
     }
 
     /// The right to write `desc` into `store`, waiting while another process
@@ -691,6 +711,7 @@ impl Registry {
                     if stalled >= self.opts.attempts {
                         return Err(Error::registry(
                             target,
+                            RegistryFailure::BadAnswer,
                             format!("the server answered {status} to a range request"),
                         ));
                     }
@@ -862,12 +883,17 @@ impl Registry {
                             .unwrap_or(""),
                     );
                     if !self.authenticate(ep, challenge, sent_auth).await? {
-                        return Err(self.unauthorized(ep, &target));
+                        return Err(self.unauthorized(ep, &target, RegistryFailure::Unauthorized));
                     }
                     attempt -= 1;
                 }
                 StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                    return Err(self.unauthorized(ep, &target));
+                    let kind = if status == StatusCode::FORBIDDEN {
+                        RegistryFailure::Forbidden
+                    } else {
+                        RegistryFailure::Unauthorized
+                    };
+                    return Err(self.unauthorized(ep, &target, kind));
                 }
                 StatusCode::TOO_MANY_REQUESTS => {
                     let wait = retry_after(resp.headers());
@@ -883,8 +909,13 @@ impl Registry {
                             tokio::time::sleep(w).await;
                         }
                         _ => {
+                            let kind = RegistryFailure::RateLimited {
+                                limits: (!limits.is_empty()).then(|| limits.trim().to_string()),
+                                retry_after: wait,
+                            };
                             return Err(Error::registry(
                                 target,
+                                kind,
                                 format!(
                                     "429 Too Many Requests: the registry's pull rate limit is reached{limits}{}; \
                                      log in (`docker login`) for a higher limit, use a mirror (--mirror URL), or wait",
@@ -905,6 +936,7 @@ impl Registry {
                 StatusCode::NOT_FOUND => {
                     return Err(Error::registry(
                         target,
+                        RegistryFailure::NotFound,
                         format!(
                             "404 Not Found: no {what} {} in {}; check the tag or digest",
                             path.rsplit('/').next().unwrap_or(path),
@@ -918,8 +950,14 @@ impl Registry {
                     } else {
                         self.excerpt(resp).await
                     };
+                    let kind = if s.is_server_error() {
+                        RegistryFailure::ServerError { status: s.as_u16() }
+                    } else {
+                        RegistryFailure::Refused { status: s.as_u16() }
+                    };
                     return Err(Error::registry(
                         target,
+                        kind,
                         format!(
                             "the registry answered {s} for {what} {name}{}",
                             if excerpt.is_empty() {
@@ -935,7 +973,7 @@ impl Registry {
     }
 
     /// The error for a 401 (or 403) that answering the challenge did not cure.
-    fn unauthorized(&self, ep: &Endpoint, target: &str) -> Error {
+    fn unauthorized(&self, ep: &Endpoint, target: &str, kind: RegistryFailure) -> Error {
         let creds = ep.credentials.get().cloned().flatten();
         let who = match &creds {
             Some(c) => format!(
@@ -957,6 +995,7 @@ impl Registry {
         };
         Error::registry(
             target,
+            kind,
             format!(
                 "401 Unauthorized: the repository {} was not found or you are not authorised to pull it \
                  (for docker.io official images the name is library/NAME); {who}",
@@ -1053,6 +1092,7 @@ impl Registry {
         let realm_url = reqwest::Url::parse(realm).map_err(|_| {
             Error::registry(
                 format!("{} ({})", self.image.name(), ep.label()),
+                RegistryFailure::BadAnswer,
                 format!(
                     "the registry names a token service that is not a URL: {}",
                     crate::error::sanitize(realm)
@@ -1094,6 +1134,7 @@ impl Registry {
         let mut body = Memory::new(MAX_TOKEN_RESPONSE, |_| {
             Error::registry(
                 &target,
+                RegistryFailure::BadAnswer,
                 format!("the token answer is larger than {MAX_TOKEN_RESPONSE} bytes"),
             )
         });
@@ -1120,6 +1161,7 @@ impl Registry {
             };
             return Err(Error::registry(
                 target,
+                token_refusal(status),
                 if excerpt.trim().is_empty() {
                     reason
                 } else {
@@ -1127,7 +1169,8 @@ impl Registry {
                 },
             ));
         }
-        auth::parse_token(&body, asked).map_err(|e| Error::registry(target, e))
+        auth::parse_token(&body, asked)
+            .map_err(|e| Error::registry(target, RegistryFailure::BadAnswer, e))
     }
 
     /// The start of an error answer's body, to quote: what arrives of its
@@ -1335,6 +1378,20 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// Docker Hub's `ratelimit-limit: 100;w=21600` and `ratelimit-remaining: 0;w=21600`.
+/// The kind of a token service's refusal.
+fn token_refusal(status: StatusCode) -> RegistryFailure {
+    match status {
+        StatusCode::UNAUTHORIZED | StatusCode::BAD_REQUEST => RegistryFailure::Unauthorized,
+        StatusCode::FORBIDDEN => RegistryFailure::Forbidden,
+        StatusCode::TOO_MANY_REQUESTS => RegistryFailure::RateLimited {
+            limits: None,
+            retry_after: None,
+        },
+        s if s.is_server_error() => RegistryFailure::ServerError { status: s.as_u16() },
+        s => RegistryFailure::Refused { status: s.as_u16() },
+    }
+}
+
 fn rate_limit_figures(headers: &HeaderMap) -> String {
     let get = |name: &str| {
         headers
@@ -1354,30 +1411,55 @@ fn transient(e: &reqwest::Error) -> bool {
     (e.is_connect() || e.is_timeout() || e.is_request() || e.is_body()) && !proxy_refused(e)
 }
 
+/// The causes of `e`, outermost first. An `io::Error` that wraps another
+/// error hands on that error's own source, skipping the error itself (where
+/// rustls puts its verdict, often two `io::Error`s deep), so it is opened
+/// with `get_ref` instead.
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |c| match c.downcast_ref::<std::io::Error>() {
+        Some(io) => io
+            .get_ref()
+            .map(|inner| inner as &(dyn std::error::Error + 'static)),
+        None => c.source(),
+    })
+}
+
 /// The proxy answered the tunnel request with 407: asking again will not help.
+///
+/// hyper-util keeps its tunnel error type private, so this one cause is
+/// known only by its words; every other cause is found by its type.
 fn proxy_refused(e: &reqwest::Error) -> bool {
-    crate::error::report(e)
-        .to_ascii_lowercase()
-        .contains("proxy authorization required")
+    causes(e).any(|c| {
+        c.source().is_none() && c.to_string() == "tunnel error: proxy authorization required"
+    })
+}
+
+/// What rustls said, if the failure was in the TLS handshake.
+fn tls_cause(e: &reqwest::Error) -> Option<&rustls::Error> {
+    causes(e).find_map(|c| c.downcast_ref::<rustls::Error>())
 }
 
 fn connect_hint(e: &reqwest::Error) -> &'static str {
-    let chain = crate::error::report(e).to_ascii_lowercase();
+    let plain_http_answer =
+        "TLS handshake failed; if the registry speaks plain HTTP, pass --plain-http";
     if proxy_refused(e) {
-        "the proxy wants credentials; put them in its URL: HTTPS_PROXY=http://USER:PASSWORD@HOST:PORT"
-    } else if chain.contains("certificate") || chain.contains("unknownissuer") {
-        "the registry's TLS certificate is not trusted; for a private CA pass --ca-cert PEM"
-    } else if chain.contains("http2")
-        || chain.contains("invalid http version")
-        || chain.contains("wrong version number")
-        // rustls, when the server answers in plain HTTP
-        || chain.contains("invalidcontenttype")
-    {
-        "TLS handshake failed; if the registry speaks plain HTTP, pass --plain-http"
-    } else if e.is_timeout() {
-        "the registry did not answer in time"
-    } else {
-        "cannot reach the registry; check the address, or set HTTPS_PROXY/HTTP_PROXY if a proxy is needed"
+        return "the proxy wants credentials; put them in its URL: HTTPS_PROXY=http://USER:PASSWORD@HOST:PORT";
+    }
+    match tls_cause(e) {
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) => {
+            "the registry's TLS certificate is not trusted; for a private CA pass --ca-cert PEM"
+        }
+        // What rustls reads when the server answers a ClientHello in plain HTTP.
+        Some(rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. }) => {
+            plain_http_answer
+        }
+        Some(_) => plain_http_answer,
+        None if e.is_timeout() => "the registry did not answer in time",
+        None => {
+            "cannot reach the registry; check the address, or set HTTPS_PROXY/HTTP_PROXY if a proxy is needed"
+        }
     }
 }
 
