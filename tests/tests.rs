@@ -6,6 +6,7 @@ mod airgap;
 mod differential;
 mod fetch;
 mod hostile;
+mod jobs;
 mod merge;
 mod nixdb;
 mod registry;
