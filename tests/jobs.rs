@@ -4,9 +4,7 @@
 
 use std::path::PathBuf;
 
-use crate::support::jobs::{
-    Gate, Jobs, assert_store_verifies, nix_image, output_beside_a_job, valid,
-};
+use crate::support::jobs::{Gate, Jobs, assert_store_verifies, background, nix_image, valid};
 use crate::support::registry::Registry;
 use crate::support::{TestEnv, assert_ok, nix};
 
@@ -138,14 +136,15 @@ fn a_fetch_merge_during_a_running_build_keeps_the_build_and_adds_the_image() {
     let mut job = r.jobs.spawn(&Jobs::nix_build("busy"));
     r.jobs.wait_started("busy", &mut job);
     // The job's Nix holds the store open and is mid-build: merge now.
-    let merge = output_beside_a_job(r.env.hydrafy().args([
+    // It must not wait for the job (it would wait forever: the build waits for us).
+    let merge = background(r.env.hydrafy().args([
         "fetch",
         "--plain-http",
         &new.reference,
         "--merge",
         "-q",
     ]));
-    assert_ok(&merge);
+    merge.finish().ok();
     for p in &added {
         assert!(valid(&r.seed, p), "{p} was merged while the job built");
     }
@@ -166,5 +165,37 @@ fn a_fetch_merge_during_a_running_build_keeps_the_build_and_adds_the_image() {
             "{p} is valid"
         );
     }
+    assert_store_verifies(&r.seed);
+}
+
+/// What `hydrafy gc` relies on (issue 12): Nix in a job holds
+/// `nix/var/nix/db/big-lock` shared for as long as it uses the store, so an
+/// exclusive lock can be had only when no job's Nix is running.
+#[test]
+fn a_building_job_holds_the_big_lock_shared_until_its_nix_ends() {
+    use rustix::fs::{FlockOperation, flock};
+    let r = runner();
+    r.jobs.derivation("locked", Gate::Gated);
+    let mut job = r.jobs.spawn(&Jobs::nix_build("locked"));
+    r.jobs.wait_started("locked", &mut job);
+    let big_lock = r.seed.join("nix/var/nix/db/big-lock");
+    let try_lock = |op| {
+        let file = std::fs::File::open(&big_lock).unwrap();
+        flock(&file, op).is_ok()
+    };
+    assert!(
+        !try_lock(FlockOperation::NonBlockingLockExclusive),
+        "the building job holds big-lock"
+    );
+    assert!(
+        try_lock(FlockOperation::NonBlockingLockShared),
+        "shared, so other jobs and hydrafy's merge can use the store"
+    );
+    r.jobs.release("locked");
+    job.finish().ok();
+    assert!(
+        try_lock(FlockOperation::NonBlockingLockExclusive),
+        "the job's Nix released big-lock when it ended"
+    );
     assert_store_verifies(&r.seed);
 }

@@ -250,42 +250,14 @@ impl Jobs {
     /// Start a job in the background.
     pub fn spawn(&self, script: &str) -> RunningJob {
         let mut cmd = self.command(script);
-        let name = cmd
+        let container = cmd
             .get_args()
             .skip_while(|a| *a != "--name")
             .nth(1)
             .unwrap()
             .to_string_lossy()
             .into_owned();
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start podman");
-        let stderr = Arc::new(Stream::default());
-        let mut pipe = BufReader::new(child.stderr.take().unwrap());
-        let feed = Arc::clone(&stderr);
-        let stderr_reader = std::thread::spawn(move || {
-            let mut line = String::new();
-            while pipe.read_line(&mut line).is_ok_and(|n| n > 0) {
-                feed.push(&line);
-                line.clear();
-            }
-            feed.close();
-        });
-        let mut pipe = child.stdout.take().unwrap();
-        let stdout_reader = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        });
-        RunningJob {
-            child: Some(child),
-            name,
-            stderr,
-            stderr_reader: Some(stderr_reader),
-            stdout_reader: Some(stdout_reader),
-        }
+        RunningJob::start(&mut cmd, container, true)
     }
 
     /// Wait until the gated builder of `name` has started in `job`.
@@ -335,7 +307,7 @@ impl Jobs {
     }
 }
 
-/// A finished job.
+/// A finished job (or [`background`] process).
 #[derive(Debug)]
 pub struct JobOutput {
     pub status: ExitStatus,
@@ -344,12 +316,12 @@ pub struct JobOutput {
 }
 
 impl JobOutput {
-    /// Assert the job succeeded; returns the last line of its stdout (what
-    /// `nix-build` prints: the output path).
+    /// Assert it succeeded; returns the last line of its stdout (for a job
+    /// that ran `nix-build`, the output path).
     pub fn ok(&self) -> String {
         assert!(
             self.status.success(),
-            "the job failed ({}): {}{}",
+            "it failed ({}): {}{}",
             self.status,
             self.stdout,
             self.stderr
@@ -381,35 +353,95 @@ impl Stream {
     }
 }
 
-/// A job running in the background; killed (its container, by name) if
-/// dropped before it finished.
+/// Start `cmd` (a hydrafy run beside the jobs) in the background.
+pub fn background(cmd: &mut Command) -> RunningJob {
+    let name = cmd.get_program().to_string_lossy().into_owned();
+    RunningJob::start(cmd, name, false)
+}
+
+/// A job (or another process, see [`background`]) running in the
+/// background; stopped (a job's container by its name) if dropped before it
+/// finished or when it does not end.
 pub struct RunningJob {
     child: Option<Child>,
     pub name: String,
+    container: bool,
     stderr: Arc<Stream>,
     stderr_reader: Option<std::thread::JoinHandle<()>>,
     stdout_reader: Option<std::thread::JoinHandle<String>>,
 }
 
 impl RunningJob {
+    fn start(cmd: &mut Command, name: String, container: bool) -> RunningJob {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let stderr = Arc::new(Stream::default());
+        let mut pipe = BufReader::new(child.stderr.take().unwrap());
+        let feed = Arc::clone(&stderr);
+        let stderr_reader = std::thread::spawn(move || {
+            let mut line = String::new();
+            while pipe.read_line(&mut line).is_ok_and(|n| n > 0) {
+                feed.push(&line);
+                line.clear();
+            }
+            feed.close();
+        });
+        let mut pipe = child.stdout.take().unwrap();
+        let stdout_reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        });
+        RunningJob {
+            child: Some(child),
+            name,
+            container,
+            stderr,
+            stderr_reader: Some(stderr_reader),
+            stdout_reader: Some(stdout_reader),
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.exited().is_none()
+    }
+
+    /// Stop it: a job's container by name (podman then ends), another process itself.
+    fn stop(&mut self) {
+        if self.container {
+            let _ = Command::new("podman")
+                .args(["kill", &self.name])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        } else if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+        }
+    }
+
     fn exited(&mut self) -> Option<ExitStatus> {
         self.child.as_mut().unwrap().try_wait().unwrap()
     }
 
-    /// Wait until the job's stderr contains `needle`.
+    /// Wait until its stderr contains `needle`.
     pub fn wait_for_stderr(&mut self, needle: &str) {
         let deadline = Instant::now() + PATIENCE;
         let mut state = self.stderr.state.lock().unwrap();
         while !state.0.contains(needle) {
             assert!(
                 !state.1,
-                "job {} ended without printing {needle:?}: {}",
+                "{} ended without printing {needle:?}: {}",
                 self.name, state.0
             );
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),
-                "job {} did not print {needle:?}: {}",
+                "{} did not print {needle:?}: {}",
                 self.name,
                 state.0
             );
@@ -417,7 +449,7 @@ impl RunningJob {
         }
     }
 
-    /// Wait for the job to end (killing it if it does not).
+    /// Wait for it to end (stopping it, and failing, if it does not).
     pub fn finish(mut self) -> JobOutput {
         let deadline = Instant::now() + PATIENCE;
         let status = loop {
@@ -425,8 +457,8 @@ impl RunningJob {
                 break status;
             }
             if Instant::now() > deadline {
-                let _ = Command::new("podman").args(["kill", &self.name]).status();
-                panic!("job {} did not end: {}", self.name, self.stderr.text());
+                self.stop();
+                panic!("{} did not end: {}", self.name, self.stderr.text());
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -443,15 +475,11 @@ impl RunningJob {
 
 impl Drop for RunningJob {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if child.try_wait().ok().flatten().is_none() {
-                let _ = Command::new("podman")
-                    .args(["kill", &self.name])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
+        if self.child.is_some() {
+            if self.exited().is_none() {
+                self.stop();
             }
-            let _ = child.wait();
+            let _ = self.child.take().unwrap().wait();
         }
     }
 }
@@ -484,49 +512,6 @@ pub fn nix_image(
         &Image::new(Media::Docker, layers),
     );
     (pushed, store)
-}
-
-/// Run `cmd` (a hydrafy next to a running job) to completion, failing the
-/// test if it does not end: it must not wait for the job.
-pub fn output_beside_a_job(cmd: &mut Command) -> std::process::Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the command");
-    let mut pipe = child.stderr.take().unwrap();
-    let stderr = std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        bytes
-    });
-    let mut pipe = child.stdout.take().unwrap();
-    let stdout = std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        bytes
-    });
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let err = stderr.join().unwrap();
-            panic!(
-                "{cmd:?} waited for the running job: {}",
-                String::from_utf8_lossy(&err)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    std::process::Output {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
 }
 
 /// Whether `path` is valid in the store at `seed`, asked of the host's `nix-store`.
