@@ -7,6 +7,7 @@ mod cli;
 mod differential;
 mod fetch;
 mod hostile;
+mod jobs;
 mod merge;
 mod nixdb;
 mod registry;

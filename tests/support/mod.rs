@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod image;
+pub mod jobs;
 pub mod nix;
 pub mod proxy;
 pub mod registry;
