@@ -22,8 +22,9 @@ use crate::seed::output::Existing;
 const EXIT_CODES: &str = "\
 Exit status:
   0    success (including \"DIR already holds this image\")
-  1    failure: network, registry, verification, or file system; DIR is left as it was
-  2    bad usage or input: an invalid reference, platform, mirror or option
+  1    failure: network, registry, verification, file system, or a damaged image file;
+       DIR is left as it was
+  2    bad usage: an invalid reference, platform, mirror or option
   130  interrupted (Ctrl-C or SIGTERM); DIR is left as it was";
 
 const VERIFY_EXIT_CODES: &str = "\

@@ -38,6 +38,38 @@ pub enum RegistryFailure {
     Unavailable,
 }
 
+/// How the process ends: part of the interface (the README's table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// 0: done, including "DIR already holds this image".
+    Success,
+    /// 1: the work failed (network, registry, verification, file system, a
+    /// damaged image file); the output is as it was.
+    Failure,
+    /// 2: bad usage or input, found before any work.
+    Usage,
+    /// 130: Ctrl-C or SIGTERM, the shell's 128 + SIGINT.
+    Interrupted,
+}
+
+impl Exit {
+    /// The status number.
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Success => 0,
+            Exit::Failure => 1,
+            Exit::Usage => 2,
+            Exit::Interrupted => 130,
+        }
+    }
+}
+
+impl From<Exit> for std::process::ExitCode {
+    fn from(exit: Exit) -> Self {
+        std::process::ExitCode::from(exit.code())
+    }
+}
+
 /// Result alias used throughout hydrafy.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -47,6 +79,15 @@ pub enum Error {
     /// The user gave something hydrafy cannot parse (reference, platform, option).
     #[error("{what} {input:?}: {reason}")]
     Invalid {
+        what: &'static str,
+        input: String,
+        reason: String,
+    },
+
+    /// An image file (OCI layout, oci-archive, docker save) that is damaged,
+    /// incomplete or not an image: a failure of the input, not of usage.
+    #[error("{what} {input:?}: {reason}")]
+    Archive {
         what: &'static str,
         input: String,
         reason: String,
@@ -250,12 +291,12 @@ impl Error {
         }
     }
 
-    /// The process exit code this error maps to (see the README).
-    pub fn exit_code(&self) -> i32 {
+    /// The exit status this error ends the process with (see the README).
+    pub fn exit(&self) -> Exit {
         match self {
-            Error::Interrupted => 130,
-            Error::Invalid { .. } => 2,
-            _ => 1,
+            Error::Interrupted => Exit::Interrupted,
+            Error::Invalid { .. } => Exit::Usage,
+            _ => Exit::Failure,
         }
     }
 }

@@ -9,7 +9,7 @@ use hydrafy::cli::{CacheAction, Cli, Command};
 use hydrafy::commands::cache;
 use hydrafy::commands::fetch::Summary;
 use hydrafy::commands::pull::PullSummary;
-use hydrafy::error::{report, sanitize};
+use hydrafy::error::{Exit, report, sanitize};
 use hydrafy::ui::cancel::Cancel;
 use hydrafy::ui::progress::{Progress, Reporter, Style};
 
@@ -33,7 +33,7 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-async fn run(cli: Cli, cancel: Cancel) -> u8 {
+async fn run(cli: Cli, cancel: Cancel) -> Exit {
     match cli.command {
         Command::Fetch(args) => {
             let progress = reporter(&args.report);
@@ -106,12 +106,12 @@ async fn run(cli: Cli, cancel: Cancel) -> u8 {
         }
         Command::Completions(args) => {
             print_bytes(&hydrafy::cli::completions(args.shell));
-            0
+            Exit::Success
         }
         Command::Man(args) => match hydrafy::cli::man_page(args.command.as_deref()) {
             Ok(page) => {
                 print_bytes(&page);
-                0
+                Exit::Success
             }
             Err(e) => finish::<()>(Err(e), false),
         },
@@ -132,16 +132,16 @@ fn print_stdout(text: &str) {
 }
 
 /// Print the JSON summary when asked, then the failure (if any) on stderr.
-fn conclude<T: serde::Serialize>(summary: &T, json: bool, failure: Option<hydrafy::Error>) -> u8 {
+fn conclude<T: serde::Serialize>(summary: &T, json: bool, failure: Option<hydrafy::Error>) -> Exit {
     if json {
         let text = serde_json::to_string(summary).expect("summary serialises");
         print_stdout(&text);
     }
     match failure {
-        None => 0,
+        None => Exit::Success,
         Some(e) => {
             eprintln!("hydrafy: error: {}", report(&e));
-            e.exit_code() as u8
+            e.exit()
         }
     }
 }
@@ -159,7 +159,7 @@ fn finish_reported<T: serde::Serialize>(
     progress: &Progress,
     json: bool,
     line: fn(&T) -> String,
-) -> u8 {
+) -> Exit {
     match &result {
         Ok(summary) => progress.conclude(&line(summary)),
         Err(_) => progress.finish(),
@@ -168,7 +168,7 @@ fn finish_reported<T: serde::Serialize>(
 }
 
 /// Print the outcome: the JSON summary on stdout, or one error line on stderr.
-fn finish<T: serde::Serialize>(result: hydrafy::Result<T>, json: bool) -> u8 {
+fn finish<T: serde::Serialize>(result: hydrafy::Result<T>, json: bool) -> Exit {
     match result {
         Ok(summary) => {
             if json {
@@ -177,11 +177,11 @@ fn finish<T: serde::Serialize>(result: hydrafy::Result<T>, json: bool) -> u8 {
                 // A closed pipe (`hydrafy ... --json | head -c0`) is not an error.
                 let _ = writeln!(out, "{text}");
             }
-            0
+            Exit::Success
         }
         Err(e) => {
             eprintln!("hydrafy: error: {}", report(&e));
-            e.exit_code() as u8
+            e.exit()
         }
     }
 }
@@ -205,5 +205,5 @@ async fn watch_signals(cancel: Cancel) {
         _ = int.recv() => {}
         _ = term.recv() => {}
     }
-    std::process::exit(130);
+    std::process::exit(i32::from(Exit::Interrupted.code()));
 }

@@ -61,7 +61,7 @@ impl Files {
         let file = File::open(path).map_err(|e| Error::io(path, "cannot open image archive", e))?;
         let mut archive = tar::Archive::new(file);
         let mut entries = HashMap::new();
-        let not_tar = |e: io::Error| Error::Invalid {
+        let not_tar = |e: io::Error| Error::Archive {
             what: "image archive",
             input: path.display().to_string(),
             reason: format!("not a tar archive or an OCI layout directory ({e})"),
@@ -141,7 +141,7 @@ impl Files {
 
     /// A stream over `name` and its size.
     fn stream(&self, name: &str) -> Result<(Box<dyn Read + Send>, u64)> {
-        let missing = || Error::Invalid {
+        let missing = || Error::Archive {
             what: "image archive",
             input: self.source().display().to_string(),
             reason: format!("{name} is missing; the archive is incomplete, copy it again"),
@@ -175,7 +175,7 @@ impl Files {
     fn read(&self, name: &str, max: u64) -> Result<Vec<u8>> {
         let (mut r, size) = self.stream(name)?;
         if size > max {
-            return Err(Error::Invalid {
+            return Err(Error::Archive {
                 what: "image archive",
                 input: self.source().display().to_string(),
                 reason: format!("{name} is {size} bytes, more than the {max} allowed for it"),
@@ -244,7 +244,7 @@ impl Archive {
         if files.size("manifest.json").is_some() {
             let bytes = files.read("manifest.json", MAX_MANIFEST_BYTES)?;
             let entries: Vec<DockerSaveEntry> =
-                serde_json::from_slice(&bytes).map_err(|e| Error::Invalid {
+                serde_json::from_slice(&bytes).map_err(|e| Error::Archive {
                     what: "docker archive",
                     input: path.display().to_string(),
                     reason: format!("manifest.json is not a docker save manifest: {e}"),
@@ -254,7 +254,7 @@ impl Archive {
                 docker: Some(entries),
             });
         }
-        Err(Error::Invalid {
+        Err(Error::Archive {
             what: "image archive",
             input: path.display().to_string(),
             reason: "neither an OCI image layout (oci-layout, index.json) nor a docker save archive (manifest.json)"
@@ -356,7 +356,7 @@ impl Archive {
         })?;
         for layer in &resolved.manifest.layers {
             if self.files.size(&blob_name(&layer.digest)).is_none() {
-                return Err(Error::Invalid {
+                return Err(Error::Archive {
                     what: "image archive",
                     input: source,
                     reason: format!(
@@ -409,7 +409,7 @@ impl Archive {
         let config = manifest::ImageConfig::parse(&source, &config_bytes)?;
         let mut layers = Vec::new();
         for (i, path) in entry.layers.iter().enumerate() {
-            let size = self.files.size(path).ok_or_else(|| Error::Invalid {
+            let size = self.files.size(path).ok_or_else(|| Error::Archive {
                 what: "docker archive",
                 input: source.clone(),
                 reason: format!(
