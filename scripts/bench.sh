@@ -3,16 +3,16 @@
 # unpack, and against the naive, unverified `curl | tar -xz` of every layer.
 #
 # It starts a throwaway distribution registry on loopback, pushes realistic
-# Nix-layered images (make_nixlike.py: one store path per layer, a real Nix
-# database), and times the three pipelines ALTERNATELY, run after run, so that
+# Nix-layered images (scripts/make-nixlike.py: one store path per layer, a
+# real Nix database), and times the three pipelines ALTERNATELY, run after run, so that
 # disk and page-cache drift hits all of them alike. Wall time and peak RSS come
 # from /usr/bin/time; the report gives medians and ratios against the peers of
 # the same run. (hyperfine runs each command's repetitions back to back and
 # cannot report memory, which is why this loop is hand-rolled.)
 #
 # usage: scripts/bench.sh [--runs N] [--images full,half,big] [--work DIR]
-#   full: make_nixlike.py --mb 400 (about 99 layers, 250 MB compressed, 700 MB, 25,000 files)
-#   half: make_nixlike.py --mb 200
+#   full: make-nixlike.py --mb 400 (about 100 layers, 400 MB in 90 directories of /usr)
+#   half: make-nixlike.py --mb 200
 #   big:  one 2 GB layer (real files from /usr/lib under one store path)
 # needs: docker-registry skopeo umoci curl pigz python3 nix-bin (apt-get install ...)
 set -euo pipefail
@@ -21,7 +21,7 @@ runs=5
 images=full,half,big
 work=${TMPDIR:-/tmp}/hydrafy-bench
 here=$(cd "$(dirname "$0")/.." && pwd)
-make_nixlike=${MAKE_NIXLIKE:-$here/../shared/tools/make_nixlike.py}
+make_nixlike=$here/scripts/make-nixlike.py
 while [ $# -gt 0 ]; do
     case $1 in
         --runs) runs=$2; shift 2 ;;
@@ -33,10 +33,9 @@ done
 for tool in docker-registry skopeo umoci curl pigz python3 nix-instantiate /usr/bin/time; do
     command -v "$tool" >/dev/null || { echo "bench.sh needs $tool (apt-get install docker-registry skopeo umoci curl pigz python3 nix-bin time)" >&2; exit 2; }
 done
-[ -f "$make_nixlike" ] || { echo "set MAKE_NIXLIKE to make_nixlike.py (not found at $make_nixlike)" >&2; exit 2; }
 
-(cd "$here" && cargo build --release --quiet)
-hydrafy=$here/target/release/hydrafy
+(cd "$here" && cargo build --locked --release --quiet)
+hydrafy=${CARGO_TARGET_DIR:-$here/target}/release/hydrafy
 rm -rf "$work"; mkdir -p "$work"
 # shellcheck source=scripts/registry.sh
 . "$here/scripts/registry.sh"

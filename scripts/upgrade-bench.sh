@@ -4,10 +4,10 @@
 # --check-contents` on the same store.
 #
 # It starts a throwaway distribution registry on loopback and pushes two
-# make_nixlike.py images from the same candidate directories: the image (the
-# default --mb 400, about 98 store paths) and an older, smaller one (--mb
-# SEED_MB, default 320: about 87 paths, so the image adds about 12% new
-# paths). Then, in one run:
+# scripts/make-nixlike.py images from the same candidate directories: the
+# image (the default --mb 400, about 100 store paths) and an older, smaller
+# one (--mb SEED_MB, default 365: a prefix of the same directories, so on
+# Debian 12 the image adds about 12% new paths). Then, in one run:
 #   1. fetch the image cold (empty cache): wall time, peak RSS; nix-store
 #      --verify --check-contents must pass on the result;
 #   2. the same command again (a no-op);
@@ -17,40 +17,42 @@
 #   4. `hydrafy verify` and `nix-store --verify --check-contents` on the
 #      merged seed, alternately, three times each.
 #
-# usage: scripts/upgrade-bench.sh [--seed-mb N] [--work DIR]
-# needs: docker-registry python3 nix-bin curl /usr/bin/time
+# usage: scripts/upgrade-bench.sh [--mb N] [--seed-mb N] [--work DIR]
+#   (--mb: the image's size, default 400; a quick check: --mb 60 --seed-mb 50)
+# needs: docker-registry python3 nix-bin pigz curl /usr/bin/time
 set -euo pipefail
 
-seed_mb=320
+image_mb=400
+seed_mb=365
 work=${TMPDIR:-/tmp}/hydrafy-upgrade-bench
 here=$(cd "$(dirname "$0")/.." && pwd)
-make_nixlike=${MAKE_NIXLIKE:-$here/../shared/tools/make_nixlike.py}
+make_nixlike=$here/scripts/make-nixlike.py
 while [ $# -gt 0 ]; do
     case $1 in
+        --mb) image_mb=$2; shift 2 ;;
         --seed-mb) seed_mb=$2; shift 2 ;;
         --work) work=$2; shift 2 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
-for tool in docker-registry python3 nix-store nix-instantiate curl /usr/bin/time; do
-    command -v "$tool" >/dev/null || { echo "upgrade-bench.sh needs $tool (apt-get install docker-registry python3 nix-bin curl time)" >&2; exit 2; }
+for tool in docker-registry python3 nix-store nix-instantiate pigz curl /usr/bin/time; do
+    command -v "$tool" >/dev/null || { echo "upgrade-bench.sh needs $tool (apt-get install docker-registry python3 nix-bin pigz curl time)" >&2; exit 2; }
 done
-[ -f "$make_nixlike" ] || { echo "set MAKE_NIXLIKE to make_nixlike.py (not found at $make_nixlike)" >&2; exit 2; }
 
-(cd "$here" && cargo build --release --quiet)
-hydrafy=$here/target/release/hydrafy
+(cd "$here" && cargo build --locked --release --quiet)
+hydrafy=${CARGO_TARGET_DIR:-$here/target}/release/hydrafy
 rm -rf "$work"; mkdir -p "$work"
 # shellcheck source=scripts/registry.sh
 . "$here/scripts/registry.sh"
 start_registry
 
-push() { # repo [make_nixlike args] -> index digest
+push() { # repo [make-nixlike.py args] -> index digest
     local out
     out=$(python3 "$make_nixlike" "$work/src-$1" "$reg" "nixos/$1" "${@:2}")
     rm -rf "$work/src-$1"
     python3 -c 'import json,sys; print(json.loads(sys.argv[1])["index"])' "$out"
 }
-image=nixos/image@$(push image)
+image=nixos/image@$(push image --mb "$image_mb")
 older=nixos/older@$(push older --mb "$seed_mb")
 drop_caches() { sync; [ -w /proc/sys/vm/drop_caches ] && echo 3 > /proc/sys/vm/drop_caches || true; }
 timed() { # label cmd... : prints "label: S s, R MB"; the command's stdout goes to $work/stdout

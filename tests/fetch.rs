@@ -11,7 +11,9 @@ use crate::support::image::{
 };
 use crate::support::proxy::{Action, Proxy};
 use crate::support::registry::Registry;
-use crate::support::{TestEnv, assert_fails, assert_ok, fingerprint, listing, nix, stderr, stdout};
+use crate::support::{
+    TestEnv, assert_fails, assert_ok, fingerprint, listing, nix, stderr, stdout, wait_until,
+};
 
 /// A minimal Nix-shaped image: one store path and a database file.
 fn seed_image(reg: &Registry, repo: &str, tag: &str, marker: &str) -> Pushed {
@@ -258,17 +260,37 @@ fn default_output_is_only_the_store_and_database_the_runners_mount() {
 fn second_fetch_of_the_same_digest_does_nothing_and_needs_no_network() {
     let reg = Registry::start();
     let img = seed_image(&reg, "nixos/nix", "v1", "cccc");
+    // Both runs go through a proxy that logs every request; for the second
+    // it drops each connection unanswered, as a network that is down would.
+    let offline = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let proxy = {
+        let offline = offline.clone();
+        Proxy::start("127.0.0.1", &reg.addr, move |_| {
+            if offline.load(std::sync::atomic::Ordering::SeqCst) {
+                Action::Drop
+            } else {
+                Action::Pass
+            }
+        })
+    };
+    let reference = img.reference.replace(&reg.addr, &proxy.addr);
     let env = TestEnv::new();
-    assert_ok(&env.run(&["fetch", "--plain-http", &img.reference, "-q"]));
+    assert_ok(&env.run(&["fetch", "--plain-http", &reference, "-q"]));
     let before = fingerprint(&env.join("nix-backup"));
+    let first_run = proxy.seen_settled().len();
+    offline.store(true, std::sync::atomic::Ordering::SeqCst);
     drop(reg); // the registry is gone: a second run must not need it
-    let started = Instant::now();
-    let out = env.run(&["fetch", "--plain-http", &img.reference, "--json"]);
+    let out = env.run(&["fetch", "--plain-http", &reference, "--json"]);
     assert_ok(&out);
     let summary = json(&out);
     assert_eq!(summary["unchanged"], true);
     assert_eq!(summary["bytes_downloaded"], 0);
-    assert!(started.elapsed() < Duration::from_secs(5));
+    // Not one request, so no retry or backoff either.
+    let asked: Vec<String> = proxy.seen_settled()[first_run..]
+        .iter()
+        .map(|s| format!("{} {}", s.request.method, s.request.path))
+        .collect();
+    assert!(asked.is_empty(), "the second run asked {asked:?}");
     assert_eq!(fingerprint(&env.join("nix-backup")), before);
 }
 
@@ -762,8 +784,10 @@ fn ctrl_c_mid_download_exits_130_and_leaves_dir_as_it_was() {
     let a = seed_image(&reg, "keep/me", "a", "aaaa");
     assert_ok(&env.run(&["fetch", "--plain-http", &a.reference, "-q", "-o", "out/dir"]));
     let before = fingerprint(&env.join("out/dir"));
-    for signal in [rustix::process::Signal::INT, rustix::process::Signal::TERM] {
-        let child = env
+    let layer = big.layer_digests[0].clone();
+    let signals = [rustix::process::Signal::INT, rustix::process::Signal::TERM];
+    for (round, signal) in signals.into_iter().enumerate() {
+        let mut child = env
             .hydrafy()
             .args([
                 "fetch",
@@ -778,8 +802,29 @@ fn ctrl_c_mid_download_exits_130_and_leaves_dir_as_it_was() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        wait_for_staging(&env.join("out"));
-        std::thread::sleep(Duration::from_millis(300));
+        // Send the signal once hydrafy is mid-download (staged, 100 kB of
+        // this round's layer relayed and the rest held back) and catches it.
+        let mid_download = || {
+            let staged = listing(&env.join("out"))
+                .iter()
+                .any(|n| n.contains("hydrafy-staging"));
+            let started = proxy
+                .seen()
+                .iter()
+                .filter(|s| s.request.path.ends_with(&layer) && s.body_bytes >= 100_000)
+                .count();
+            staged && started > round
+        };
+        wait_until("hydrafy to be mid-download", || {
+            mid_download() || child.try_wait().unwrap().is_some()
+        });
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "hydrafy ended before the signal"
+        );
+        wait_until(&format!("hydrafy to catch {signal:?}"), || {
+            catches(child.id(), signal)
+        });
         let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
         rustix::process::kill_process(pid, signal).unwrap();
         let out = child.wait_with_output().unwrap();
@@ -838,6 +883,16 @@ fn a_staging_folder_left_by_a_killed_run_is_removed_by_the_next_run() {
         "out/dir",
     ]));
     assert_eq!(listing(&env.join("out")), ["dir"]);
+}
+
+/// Has process `pid` a handler for `signal` (its bit in `SigCgt` of /proc/PID/status)?
+fn catches(pid: u32, signal: rustix::process::Signal) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal.as_raw() - 1)) != 0)
 }
 
 fn wait_for_staging(parent: &Path) {

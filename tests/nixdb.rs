@@ -5,16 +5,14 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
 use std::thread;
-use std::time::{Duration, Instant};
 
 use hydrafy::nix::db::Merge;
 use hydrafy::ui::progress::Recorder;
 use rustix::fs::FlockOperation;
 
 use crate::support::nix::{add, instantiate, nix_verify, query};
-use crate::support::{TestEnv, seed_fingerprint};
+use crate::support::{TestEnv, seed_fingerprint, wait_until};
 
 /// Two stores made by Nix that share one path: a seed (`A`, with a cached
 /// build added by `nix-store --add`) and an unpacked image (`B`).
@@ -156,7 +154,8 @@ fn commit_refuses_to_register_paths_that_were_not_installed() {
     let p = Pair::new();
     let db = p.seed().join("nix/var/nix/db/db.sqlite");
     let before = fs::read(&db).unwrap();
-    let merge = Merge::plan(&p.seed(), &p.image(), &Recorder::default()).unwrap();
+    let rec = Recorder::default();
+    let merge = Merge::plan(&p.seed(), &p.image(), &rec).unwrap();
     let err = merge
         .commit()
         .expect_err("commit before install")
@@ -180,8 +179,11 @@ fn an_unsupported_schema_is_refused() {
     );
 }
 
-/// Hold `how` on `file` from another thread until the returned flag is set.
-fn hold_lock(file: &Path, how: FlockOperation) -> (Arc<AtomicBool>, thread::JoinHandle<()>) {
+/// Take `how` on `file` (created if need be) through a new open file
+/// description; dropping the file releases it. `flock` locks belong to open
+/// file descriptions, so the plan's own `open` conflicts with this one even
+/// in the same process.
+fn hold_lock(file: &Path, how: FlockOperation) -> fs::File {
     let f = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -190,41 +192,75 @@ fn hold_lock(file: &Path, how: FlockOperation) -> (Arc<AtomicBool>, thread::Join
         .open(file)
         .unwrap();
     rustix::fs::flock(&f, how).unwrap();
-    let release = Arc::new(AtomicBool::new(false));
-    let r = release.clone();
-    let h = thread::spawn(move || {
-        while !r.load(Ordering::SeqCst) {
-            thread::sleep(Duration::from_millis(10));
-        }
-        drop(f);
-    });
-    (release, h)
+    f
 }
 
-/// Run `plan` in a thread while a lock is held; it must not return until the lock goes.
+/// Does the kernel list a `flock` request of this process on `file` as
+/// blocked, waiting for another holder? (`/proc/locks` shows each waiter as
+/// `N: -> FLOCK  ADVISORY  READ|WRITE PID MAJ:MIN:INODE START END`.)
+fn blocked_on_flock(file: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let inode = fs::metadata(file).unwrap().ino().to_string();
+    let pid = std::process::id().to_string();
+    fs::read_to_string("/proc/locks")
+        .expect("read /proc/locks")
+        .lines()
+        .filter_map(|l| l.split_once("->"))
+        .map(|(_, waiter)| waiter.split_whitespace().collect::<Vec<_>>())
+        .any(|f| {
+            f.first() == Some(&"FLOCK")
+                && f.get(3) == Some(&pid.as_str())
+                && f.get(4).and_then(|id| id.rsplit(':').next()) == Some(inode.as_str())
+        })
+}
+
+/// Run `plan` in a thread while a lock is held: it must say it is waiting for
+/// that lock, be blocked on it (as the kernel sees it), and return only after
+/// the lock goes, with the plan it would have made without the wait.
 fn assert_plan_waits_for(p: &Pair, lock_file: &Path, how: FlockOperation) {
-    let (release, holder) = hold_lock(lock_file, how);
-    let start = Barrier::new(2);
+    let held = hold_lock(lock_file, how);
+    let rec = Recorder::default();
+    let released = AtomicBool::new(false);
     let (seed, image) = (p.seed(), p.image());
+    let named = format!("waiting for {}", lock_file.display());
+    let said_waiting =
+        || {
+            rec.infos.lock().unwrap().iter().any(|m| {
+                m.starts_with("waiting for") && m.contains(&lock_file.display().to_string())
+            })
+        };
     thread::scope(|s| {
         let planner = s.spawn(|| {
-            start.wait();
-            let m = Merge::plan(&seed, &image, &Recorder::default()).unwrap();
-            (Instant::now(), m.missing().len())
+            let m = Merge::plan(&seed, &image, &rec).unwrap();
+            (released.load(Ordering::SeqCst), m.missing().len())
         });
-        start.wait();
-        thread::sleep(Duration::from_millis(300));
-        let released = Instant::now();
-        release.store(true, Ordering::SeqCst);
-        let (done, missing) = planner.join().unwrap();
+        wait_until(&format!("plan to report \"{named}\""), || {
+            said_waiting() || planner.is_finished()
+        });
         assert!(
-            done >= released,
+            said_waiting(),
+            "plan did not say it waits for {}: {:?}",
+            lock_file.display(),
+            rec.infos.lock().unwrap()
+        );
+        wait_until("plan to block on the lock", || {
+            blocked_on_flock(lock_file) || planner.is_finished()
+        });
+        assert!(
+            !planner.is_finished(),
+            "plan went on while {} was held",
+            lock_file.display()
+        );
+        released.store(true, Ordering::SeqCst);
+        drop(held);
+        let (after_release, missing) = planner.join().unwrap();
+        assert!(
+            after_release,
             "plan went on while {} was held",
             lock_file.display()
         );
         assert_eq!(missing, 2);
     });
-    holder.join().unwrap();
 }
 
 #[test]
@@ -245,24 +281,37 @@ fn plan_waits_while_a_job_holds_the_lock_of_a_path_it_would_add() {
 #[test]
 fn commit_waits_for_a_running_sqlite_writer_instead_of_failing() {
     let p = Pair::new();
-    let mut merge = Merge::plan(&p.seed(), &p.image(), &Recorder::default()).unwrap();
+    let rec = Recorder::default();
+    let mut merge = Merge::plan(&p.seed(), &p.image(), &rec).unwrap();
     merge.install().unwrap();
     let db = p.seed().join("nix/var/nix/db/db.sqlite");
-    let started = Barrier::new(2);
+    let mut conn = rusqlite::Connection::open(&db).unwrap();
+    let writer = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .unwrap();
+    let said_waiting = || {
+        rec.infos
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.starts_with("waiting for the Nix database"))
+    };
     thread::scope(|s| {
-        s.spawn(|| {
-            let mut conn = rusqlite::Connection::open(&db).unwrap();
-            let tx = conn
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .unwrap();
-            started.wait();
-            thread::sleep(Duration::from_millis(500));
-            tx.commit().unwrap();
+        let committer = s.spawn(|| merge.commit());
+        wait_until("commit to report that it waits for the writer", || {
+            said_waiting() || committer.is_finished()
         });
-        started.wait();
-        let t = Instant::now();
-        merge.commit().expect("commit waits out a short writer");
-        assert!(t.elapsed() >= Duration::from_millis(400));
+        if committer.is_finished() {
+            let early = committer.join().unwrap().map(|_| ());
+            panic!("commit ended while another writer held the database: {early:?}");
+        }
+        // The writer finishes while commit waits: commit then goes through.
+        writer.commit().unwrap();
+        committer
+            .join()
+            .unwrap()
+            .expect("commit waits out a short writer");
     });
+    assert!(said_waiting());
     assert!(nix_verify(&p.seed()).ok);
 }

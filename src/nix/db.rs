@@ -17,8 +17,9 @@
 //!    (what Nix takes before it builds or substitutes that path), then a second
 //!    look at the database in case a job registered the path meanwhile;
 //! 3. the store paths are moved into `DIR/nix/store` and flushed to disk;
-//! 4. only then, in one `BEGIN IMMEDIATE` transaction with a busy timeout,
-//!    the registrations are inserted, with ids mapped to the seed's own.
+//! 4. only then, in one `BEGIN IMMEDIATE` transaction with a busy timeout
+//!    (saying so when a writer makes it wait), the registrations are
+//!    inserted, with ids mapped to the seed's own.
 //!
 //! A crash between 3 and 4 leaves unregistered directories, which Nix treats
 //! as absent (and replaces when it needs the path); it never leaves a
@@ -51,7 +52,9 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
+};
 use rustix::fs::FlockOperation;
 
 use crate::error::{Error, Result};
@@ -375,7 +378,8 @@ pub struct MergeSummary {
 ///
 /// Dropping a `Merge` before `commit` releases its locks and registers
 /// nothing; store paths already installed stay, unregistered (and invisible to Nix).
-pub struct Merge {
+/// It keeps the reporter given to `plan`, to say when `commit` must wait.
+pub struct Merge<'r> {
     seed: PathBuf,
     image: PathBuf,
     image_snap: Snapshot,
@@ -385,15 +389,16 @@ pub struct Merge {
     locks: Vec<PathLock>,
     installed: bool,
     _big_lock: BigLock,
+    reporter: &'r dyn Reporter,
 }
 
-impl Merge {
+impl<'r> Merge<'r> {
     /// Lock the seed, read both databases, check that every store path they
     /// share has the same NAR hash, size and references, and list what the
     /// seed lacks. Changes nothing in the seed (but for lock files).
     ///
     /// `seed` and `image` are roots holding `nix/store` and `nix/var/nix/db`.
-    pub fn plan(seed: &Path, image: &Path, reporter: &dyn Reporter) -> Result<Merge> {
+    pub fn plan(seed: &Path, image: &Path, reporter: &'r dyn Reporter) -> Result<Merge<'r>> {
         check_schema(seed)?;
         check_schema(image)?;
         let big_lock = BigLock::shared(seed, reporter)?;
@@ -493,6 +498,7 @@ impl Merge {
             locks: kept_locks,
             installed: false,
             _big_lock: big_lock,
+            reporter,
         })
     }
 
@@ -573,20 +579,15 @@ impl Merge {
             }
         }
         let db = db_file(&self.seed);
-        let mut conn = Connection::open_with_flags(
+        let conn = Connection::open_with_flags(
             &db,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| db_err(&db, "cannot open the Nix database for writing", e))?;
-        conn.busy_timeout(BUSY_TIMEOUT)
-            .map_err(|e| db_err(&db, "cannot set the busy timeout", e))?;
         conn.execute_batch("pragma foreign_keys = on;")
             .map_err(|e| db_err(&db, "cannot enable foreign keys", e))?;
         let busy = |e: rusqlite::Error| {
-            let what = if matches!(
-                e.sqlite_error_code(),
-                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-            ) {
+            let what = if is_busy(&e) {
                 format!(
                     "another Nix process kept the database busy for over {} s; nothing was registered, retry when the jobs are idle",
                     BUSY_TIMEOUT.as_secs()
@@ -596,9 +597,26 @@ impl Merge {
             };
             db_err(&db, what, e)
         };
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(busy)?;
+        // Try once without waiting, so that a wait is announced (as the lock
+        // waits of `plan` are); then wait for the writer as Nix would.
+        let set_timeout = |t| {
+            conn.busy_timeout(t)
+                .map_err(|e| db_err(&db, "cannot set the busy timeout", e))
+        };
+        set_timeout(Duration::ZERO)?;
+        let tx = match Transaction::new_unchecked(&conn, TransactionBehavior::Immediate) {
+            Err(e) if is_busy(&e) => {
+                self.reporter.info(&format!(
+                    "waiting for the Nix database {} (a Nix process is writing to it)",
+                    db.display()
+                ));
+                set_timeout(BUSY_TIMEOUT)?;
+                Transaction::new_unchecked(&conn, TransactionBehavior::Immediate)
+            }
+            first => first,
+        }
+        .map_err(busy)?;
+        set_timeout(BUSY_TIMEOUT)?;
         let mut ids: HashMap<&str, i64> = HashMap::new();
         let mut added = Vec::with_capacity(self.missing.len());
         {
@@ -689,6 +707,14 @@ impl Merge {
             already_present: self.already_present,
         })
     }
+}
+
+/// Another connection holds the lock this statement needed.
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
 }
 
 /// Each path lock is an open file until the commit, so an image with

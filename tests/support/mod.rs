@@ -77,6 +77,20 @@ pub fn require_tool(tool: &str, package: &str) {
     );
 }
 
+/// Wait until `event` holds, looking every 10 ms; panic naming `what` after
+/// 60 s. For waiting on something a test can observe (a message, a file, a
+/// request), never for time to pass.
+pub fn wait_until(what: &str, mut event: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !event() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gave up after 60 s waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// stderr as text.
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
