@@ -14,7 +14,18 @@ use hydrafy::ui::cancel::Cancel;
 use hydrafy::ui::progress::{Progress, Reporter, Style};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A value clap's parsers refused (a platform, a mirror) is one line,
+        // as every other failure is; help, version and usage errors are clap's.
+        Err(e) if e.kind() == clap::error::ErrorKind::ValueValidation => {
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or_default();
+            eprintln!("hydrafy: {}", sanitize(line));
+            return Exit::Usage.into();
+        }
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
