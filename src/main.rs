@@ -7,9 +7,9 @@ use std::sync::Arc;
 use clap::Parser;
 use hydrafy::cli::{CacheAction, Cli, Command};
 use hydrafy::commands::cache;
-use hydrafy::commands::fetch::Summary;
 use hydrafy::commands::pull::PullSummary;
 use hydrafy::error::{Exit, report, sanitize};
+use hydrafy::seed::publish::Summary;
 use hydrafy::ui::cancel::Cancel;
 use hydrafy::ui::progress::{Progress, Reporter, Style};
 

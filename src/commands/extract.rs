@@ -10,13 +10,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::commands::fetch::Summary;
 use crate::error::{Error, Result};
 use crate::oci::layout::Archive;
 use crate::oci::platform::Platform;
 use crate::oci::resolve::ResolvedImage;
 use crate::seed::layers::StoreLayers;
 use crate::seed::output::{Existing, OutputDir, Staging};
+use crate::seed::publish::Summary;
 use crate::seed::publish::{
     SkipPlan, Unpacked, already_holds, check_merge, finish_output, without_skips,
 };

@@ -30,8 +30,8 @@ use crate::ui::cancel::Cancel;
 use crate::ui::progress::Reporter;
 use crate::unpack::apply::{Applier, ApplyOptions};
 
-pub use crate::oci::resolve::{FinishResolve, ResolvedImage, finish_resolve, resolve};
-pub use crate::seed::publish::Summary;
+use crate::oci::resolve::resolve;
+use crate::seed::publish::Summary;
 
 /// Everything `fetch` needs to know.
 #[derive(Clone, Debug)]
