@@ -202,7 +202,11 @@ fn merge_or_publish(
     reporter: &dyn Reporter,
     cancel: &Cancel,
 ) -> Result<Option<MergeSummary>> {
-    let record = resolved.record(unpacked.store_layers.clone());
+    let mut record = resolved.record(unpacked.store_layers.clone());
+    // What gc keeps for this image: its database's paths (a rootfs has one too).
+    record.store_paths = nixdb::snapshot(&staging.rootfs())
+        .map(|snap| snap.paths.iter().map(|p| p.name().to_string()).collect())
+        .unwrap_or_default();
     if !merging {
         publish_unpacked(out, staging, layout, resolved, record, cancel)?;
         return Ok(None);
