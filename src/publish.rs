@@ -236,14 +236,15 @@ fn merge_or_publish(
     // unregistered, which Nix ignores. Then one transaction registers them.
     merge.install()?;
     let summary = merge.commit()?;
-    let state = match out.holding() {
-        Holding::State(state) => {
-            let mut state = state.clone();
+    // Read the state file again rather than use what DIR held when the run
+    // began: a `hydrafy gc --drop-image` may have released an image since.
+    let state = match State::read(out.dir())? {
+        Some(mut state) => {
             state.images.push(record);
             state
         }
         // From now on DIR is a seed hydrafy knows: it holds this image.
-        Holding::Foreign | Holding::Nothing => State::new(Layout::Nix, record),
+        None => State::new(Layout::Nix, record),
     };
     state.write(out.dir())?;
     drop(staging);
