@@ -27,6 +27,7 @@
 //! | [`nar`], [`nixhash`] | Nix's archive format and hash notations |
 //! | [`nixdb`] | the Nix database: reading it, merging an image into a seed |
 //! | [`verify`] | the `verify` command: a store checked against its database |
+//! | [`noatime`] | reading store files without moving their access times |
 //! | [`runner_config`] | the `runner-config` command: gitlab-runner's config.toml |
 //! | [`progress`], [`cancel`], [`cli`], [`error`] | the user interface around it |
 
@@ -49,6 +50,7 @@ pub mod manifest;
 pub mod nar;
 pub mod nixdb;
 pub mod nixhash;
+pub mod noatime;
 pub mod output;
 pub mod platform;
 pub mod progress;
