@@ -128,6 +128,10 @@ pub enum Error {
     #[error("interrupted; the output directory was left as it was")]
     Interrupted,
 
+    /// Ctrl-C or SIGTERM once the run had changed DIR (consistently); `what` says how.
+    #[error("interrupted after {what}")]
+    InterruptedAfter { what: String },
+
     /// A Nix database could not be read or written; the cause says why.
     #[error("{path}: {action}", path = .path.display())]
     Database {
@@ -188,7 +192,7 @@ impl Error {
     /// The process exit code this error maps to (see the README).
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Interrupted => 130,
+            Error::Interrupted | Error::InterruptedAfter { .. } => 130,
             Error::Invalid { .. } => 2,
             _ => 1,
         }

@@ -27,7 +27,7 @@
 //! | [`nar`], [`nixhash`] | Nix's archive format and hash notations |
 //! | [`nixdb`] | the Nix database: reading it, merging an image into a seed |
 //! | [`verify`] | the `verify` command: a store checked against its database |
-//! | [`noatime`] | reading store files without moving their access times |
+//! | [`gc`], [`status`], [`noatime`] | the `gc` and `status` commands: a store kept within a budget while jobs run |
 //! | [`runner_config`] | the `runner-config` command: gitlab-runner's config.toml |
 //! | [`progress`], [`cancel`], [`cli`], [`error`] | the user interface around it |
 
@@ -45,6 +45,7 @@ pub mod error;
 pub mod extract;
 pub mod fetch;
 pub mod fsroot;
+pub mod gc;
 pub mod layout;
 pub mod manifest;
 pub mod nar;
@@ -61,6 +62,7 @@ pub mod registry;
 pub mod resolve;
 pub mod runner_config;
 pub mod state;
+pub mod status;
 pub mod unpack;
 pub mod verify;
 

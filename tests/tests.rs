@@ -5,6 +5,7 @@ mod support;
 mod airgap;
 mod differential;
 mod fetch;
+mod gc;
 mod hostile;
 mod merge;
 mod nixdb;
