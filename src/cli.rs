@@ -13,7 +13,9 @@ use crate::commands::extract::ExtractOptions;
 use crate::commands::fetch::FetchOptions;
 use crate::commands::pull::PullOptions;
 use crate::commands::runner_config::RunnerConfigOptions;
+use crate::commands::status::StatusOptions;
 use crate::error::{Error, Result};
+use crate::gc::GcOptions;
 use crate::nix::verify::VerifyOptions;
 use crate::oci::platform::Platform;
 use crate::registry::client::{Mirror, RegistryOptions};
@@ -41,6 +43,15 @@ Exit status:
   1    the file cannot be read, parsed or replaced, has no docker runner, or a runner
        already mounts something else at /nix/store or /nix/var/nix/db; nothing is changed
   2    bad usage";
+
+const GC_EXIT_CODES: &str = "\
+Exit status:
+  0    done (also when what must be kept is over --max-size: a warning says by how much)
+  1    nix was busy for all of --wait, or the store or database cannot be changed; the
+       store is left valid (each path either gone or untouched)
+  2    bad usage: DIR holds no Nix database, a bad --max-size, --keep-days or --wait,
+       or a --drop-image that names no recorded image
+  130  interrupted (Ctrl-C or SIGTERM); the store is left valid";
 
 /// Seed a shared Nix store for GitLab docker runners straight from a registry.
 #[derive(Debug, Parser)]
@@ -76,6 +87,13 @@ pub enum Command {
     /// runner in gitlab-runner's config.toml. Shows a diff; --write applies it.
     #[command(after_help = RUNNER_CONFIG_EXIT_CODES)]
     RunnerConfig(RunnerConfigArgs),
+    /// Delete what no recorded image, gc root or recent use needs, least
+    /// recently used first, within a size budget, while jobs keep running.
+    #[command(after_help = GC_EXIT_CODES)]
+    Gc(GcArgs),
+    /// Show what DIR holds: images, sizes, what is kept and why, recent use,
+    /// free space, and what `hydrafy gc` would free. Changes nothing.
+    Status(StatusArgs),
     /// Print a completion script for SHELL on stdout, e.g.
     /// `hydrafy completions bash > /etc/bash_completion.d/hydrafy`.
     Completions(CompletionsArgs),
@@ -134,6 +152,90 @@ pub fn man_page(command: Option<&str>) -> Result<Vec<u8>> {
         .render(&mut page)
         .map_err(|e| Error::io("<man page>", "cannot render the man page", e))?;
     Ok(page)
+}
+
+/// `hydrafy gc`.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// The seed folder (what `hydrafy fetch -o DIR` wrote).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Keep every path registered or read in the last N days (the last hour is always kept).
+    #[arg(long, value_name = "N", default_value = "14")]
+    pub keep_days: String,
+    /// Stop deleting once the store is at most SIZE (bytes, or 500M, 200G, 1T).
+    #[arg(long, value_name = "SIZE")]
+    pub max_size: Option<String>,
+    /// Stop keeping this recorded image (reference or digest); repeatable. The
+    /// state file forgets it when the gc succeeds.
+    #[arg(long, value_name = "REF")]
+    pub drop_image: Vec<String>,
+    /// List what would be deleted, largest first, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// How long to wait for running jobs' Nix processes to let go of the store.
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    pub wait: String,
+    #[command(flatten)]
+    pub now: NowArg,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
+/// `hydrafy status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The seed folder (what `hydrafy fetch -o DIR` wrote).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub now: NowArg,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
+/// Hidden: what "now" is, in Unix seconds. The test suite moves it forward
+/// to age paths whose ctime it cannot set.
+#[derive(Debug, Args)]
+pub struct NowArg {
+    #[arg(
+        long = "now",
+        hide = true,
+        env = "HYDRAFY_NOW",
+        value_name = "UNIX_SECONDS"
+    )]
+    pub now: Option<i64>,
+}
+
+impl GcArgs {
+    /// Validated gc options.
+    pub fn options(&self) -> Result<GcOptions> {
+        Ok(GcOptions {
+            dir: self.dir.clone(),
+            keep_days: crate::gc::parse_keep_days(&self.keep_days)?,
+            max_size: self
+                .max_size
+                .as_deref()
+                .map(crate::gc::parse_size)
+                .transpose()?,
+            drop_images: self.drop_image.clone(),
+            dry_run: self.dry_run,
+            wait: crate::gc::parse_duration(&self.wait)?,
+            now: self.now.now,
+            jobs: std::thread::available_parallelism().map_or(1, usize::from),
+        })
+    }
+}
+
+impl StatusArgs {
+    /// The core's options.
+    pub fn options(&self) -> StatusOptions {
+        StatusOptions {
+            dir: self.dir.clone(),
+            now: self.now.now,
+            jobs: std::thread::available_parallelism().map_or(1, usize::from),
+        }
+    }
 }
 
 /// `hydrafy pull`.

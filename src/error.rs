@@ -221,6 +221,10 @@ pub enum Error {
     #[error("interrupted; the output directory was left as it was")]
     Interrupted,
 
+    /// Ctrl-C or SIGTERM once the run had changed DIR (consistently); `what` says how.
+    #[error("interrupted after {what}")]
+    InterruptedAfter { what: String },
+
     /// A Nix database could not be read or written; the cause says why.
     #[error("{path}: {action}", path = .path.display())]
     Database {
@@ -294,7 +298,7 @@ impl Error {
     /// The exit status this error ends the process with (see the README).
     pub fn exit(&self) -> Exit {
         match self {
-            Error::Interrupted => Exit::Interrupted,
+            Error::Interrupted | Error::InterruptedAfter { .. } => Exit::Interrupted,
             Error::Invalid { .. } => Exit::Usage,
             _ => Exit::Failure,
         }

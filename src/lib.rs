@@ -18,6 +18,7 @@
 //! | [`blobs`] | the verified blob store (the cache) and downloads into it |
 //! | [`registry`] | the distribution API: HTTP, retries, auth, credentials, mirrors |
 //! | [`unpack`] | decompression, layer application under a root, the pipeline |
+//! | [`gc`] | the store's lifecycle: what `gc` keeps and deletes, safely while jobs run |
 //! | [`nix`] | NAR, Nix hashes, the database and its locks, verification |
 //! | [`oci`] | references, digests, platforms, manifests, image files |
 //! | [`ui`] | progress and cancellation |
@@ -27,6 +28,7 @@ pub mod blobs;
 pub mod cli;
 pub mod commands;
 pub mod error;
+pub mod gc;
 pub mod nix;
 pub mod oci;
 pub mod registry;

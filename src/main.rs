@@ -103,6 +103,33 @@ async fn run(cli: Cli, cancel: Cancel) -> Exit {
                 Err(e) => finish::<()>(Err(e), false),
             }
         }
+        Command::Gc(args) => {
+            let progress = Progress::new(Style::detect(args.report.quiet));
+            let report = args
+                .options()
+                .and_then(|opts| hydrafy::gc::gc(&opts, &progress, &cancel.flag()));
+            match report {
+                Ok(report) => {
+                    if !args.report.json && (!args.report.quiet || report.dry_run) {
+                        print_stdout(&report.lines().join("\n"));
+                    }
+                    conclude(&report, args.report.json, None)
+                }
+                Err(e) => finish::<()>(Err(e), false),
+            }
+        }
+        Command::Status(args) => {
+            let progress = Progress::new(Style::detect(args.report.quiet));
+            match hydrafy::commands::status::status(&args.options(), &progress, &cancel.flag()) {
+                Ok(report) => {
+                    if !args.report.json {
+                        print_stdout(&report.render());
+                    }
+                    conclude(&report, args.report.json, None)
+                }
+                Err(e) => finish::<()>(Err(e), false),
+            }
+        }
         Command::RunnerConfig(args) => {
             let progress = Progress::new(Style::detect(args.report.quiet));
             match hydrafy::commands::runner_config::runner_config(&args.options(), &progress) {

@@ -6,6 +6,7 @@ mod airgap;
 mod cli;
 mod differential;
 mod fetch;
+mod gc;
 mod hostile;
 mod jobs;
 mod merge;

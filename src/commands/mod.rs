@@ -6,3 +6,4 @@ pub mod extract;
 pub mod fetch;
 pub mod pull;
 pub mod runner_config;
+pub mod status;

@@ -43,7 +43,9 @@
 //!
 //! What is not coordinated: Nix's garbage collector. Job containers do not
 //! share `nix/var/nix/gcroots` or `temproots`, so a `nix-collect-garbage` in
-//! one job is already unsafe for the others, merge or no merge.
+//! one job is already unsafe for the others, merge or no merge. `hydrafy gc`
+//! is: it takes big-lock exclusively (see [`crate::gc::execute`]), so it never
+//! runs while a merge holds the lock shared.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -119,6 +121,25 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// A snapshot of these rows (`paths` by ascending id), with its indexes.
+    pub fn from_rows(
+        paths: Vec<PathInfo>,
+        refs: Vec<(i64, i64)>,
+        drv_outputs: Vec<(i64, String, String)>,
+    ) -> Snapshot {
+        let mut snap = Snapshot {
+            paths,
+            refs,
+            drv_outputs,
+            ..Snapshot::default()
+        };
+        for (i, p) in snap.paths.iter().enumerate() {
+            snap.by_path.insert(p.path.clone(), i);
+            snap.by_id.insert(p.id, i);
+        }
+        snap
+    }
+
     /// The valid path `path` (`/nix/store/...`), if registered.
     pub fn get(&self, path: &str) -> Option<&PathInfo> {
         self.by_path.get(path).map(|&i| &self.paths[i])
@@ -253,19 +274,9 @@ fn read_snapshot(conn: &Connection, db: &Path) -> Result<Snapshot> {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })?;
         tx.finish()?;
-        Ok(Snapshot {
-            paths,
-            refs,
-            drv_outputs,
-            ..Snapshot::default()
-        })
+        Ok(Snapshot::from_rows(paths, refs, drv_outputs))
     };
-    let mut snap = read().map_err(|e| db_err(db, "cannot read the Nix database", e))?;
-    for (i, p) in snap.paths.iter().enumerate() {
-        snap.by_path.insert(p.path.clone(), i);
-        snap.by_id.insert(p.id, i);
-    }
-    Ok(snap)
+    read().map_err(|e| db_err(db, "cannot read the Nix database", e))
 }
 
 fn all_rows<T>(
@@ -312,7 +323,7 @@ impl BigLock {
     }
 }
 
-fn open_lock_file(path: &Path) -> Result<File> {
+pub(crate) fn open_lock_file(path: &Path) -> Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -326,12 +337,34 @@ fn open_lock_file(path: &Path) -> Result<File> {
 /// An exclusive lock on one store path, `nix/store/<name>.lock`, taken as Nix
 /// takes it before it creates that path. Released (and the lock file removed
 /// the way Nix removes it, so that waiters see it is stale) on drop.
-struct PathLock {
+pub(crate) struct PathLock {
     path: PathBuf,
     file: File,
 }
 
 impl PathLock {
+    /// Take the lock on `store/<name>.lock` if no one holds it; `None` when
+    /// someone does (gc skips that path rather than wait).
+    pub(crate) fn try_acquire(store: &Path, name: &str) -> Result<Option<PathLock>> {
+        let path = store.join(format!("{name}.lock"));
+        // A non-empty lock file was unlinked by its holder as we opened it:
+        // open the new one. A few tries; a named non-empty one is not Nix's.
+        for _ in 0..3 {
+            let file = open_lock_file(&path)?;
+            if rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+                return Ok(None);
+            }
+            let len = file
+                .metadata()
+                .map_err(|e| Error::io(&path, "cannot stat lock file", e))?
+                .len();
+            if len == 0 {
+                return Ok(Some(PathLock { path, file }));
+            }
+        }
+        Ok(None)
+    }
+
     fn acquire(store: &Path, name: &str, reporter: &dyn Reporter) -> Result<PathLock> {
         let path = store.join(format!("{name}.lock"));
         loop {

@@ -5,5 +5,6 @@
 pub mod db;
 pub mod hash;
 pub mod nar;
+pub mod noatime;
 pub mod store_path;
 pub mod verify;

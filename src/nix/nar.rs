@@ -17,13 +17,14 @@
 //! so memory stays bounded whatever the store path's size. Only owner-execute
 //! is recorded for files, and ownership, times and other mode bits are not,
 //! exactly as Nix does; a FIFO, socket or device cannot be in a NAR, so one is
-//! an error naming its path.
+//! an error naming its path. Files and directories are opened with
+//! `O_NOATIME` ([`crate::nix::noatime`]): hashing a path is not using it.
 
 use std::ffi::OsString;
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -165,10 +166,8 @@ impl NarWriter<'_> {
             self.contents(path)?;
         } else if ft.is_dir() {
             self.strings(&[b"type", b"directory"], path)?;
-            let mut names: Vec<OsString> = fs::read_dir(path)
-                .map_err(io_err("cannot list directory"))?
-                .map(|e| e.map(|e| e.file_name()))
-                .collect::<io::Result<_>>()
+            let mut names: Vec<OsString> = crate::nix::noatime::open_dir(path)
+                .and_then(crate::nix::noatime::names)
                 .map_err(io_err("cannot list directory"))?;
             names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
             for name in names {
@@ -205,11 +204,9 @@ impl NarWriter<'_> {
                 source,
             }
         };
-        let mut file = File::options()
-            .read(true)
-            .custom_flags(libc_o_nofollow())
-            .open(path)
-            .map_err(io_err("cannot open"))?;
+        // O_NOFOLLOW: the walk saw a regular file; never follow a link that
+        // replaced it since. O_NOATIME: reading is not using (see `noatime`).
+        let mut file = crate::nix::noatime::open_file(path).map_err(io_err("cannot open"))?;
         let len = file.metadata().map_err(io_err("cannot stat"))?.len();
         self.raw(&len.to_le_bytes(), path)?;
         let mut left = len;
@@ -246,12 +243,6 @@ impl NarWriter<'_> {
         result?;
         self.padding(len, path)
     }
-}
-
-/// `O_NOFOLLOW`: the walk already saw a regular file; never follow a link
-/// that replaced it since.
-fn libc_o_nofollow() -> i32 {
-    rustix::fs::OFlags::NOFOLLOW.bits() as i32
 }
 
 #[cfg(test)]

@@ -6,8 +6,9 @@
 //! check (`nix-store --verify --check-contents`) needs a `nix` binary on the
 //! runner host, takes the store lock, runs on one core and quietly
 //! unregisters paths it finds missing. This command needs nothing but the
-//! files, changes nothing, uses every core, and reports each bad path on one
-//! line:
+//! files, changes nothing (not even access times, which `hydrafy gc` reads as
+//! use: files are opened with `O_NOATIME`), uses every core, and reports each
+//! bad path on one line:
 //!
 //! - a registered path whose NAR hash or size differs from the database's
 //!   (a modified file, a changed executable bit, an extra or missing file);
@@ -178,6 +179,9 @@ pub fn verify(
     });
     if cancel.load(Ordering::Relaxed) {
         return Err(Error::Interrupted);
+    }
+    if crate::nix::noatime::atimes_moved() {
+        reporter.warn(crate::nix::noatime::fallback_warning());
     }
     problems.extend(found.into_inner().unwrap_or_else(|e| e.into_inner()));
     problems.sort_by(|a, b| a.path.cmp(&b.path).then(a.detail.cmp(&b.detail)));
@@ -396,11 +400,12 @@ fn check_path(info: &PathInfo, store: &Path, cancel: &AtomicBool) -> (Option<Pro
 /// Names in the store directory that are not registered paths. The
 /// `.links` folder (`nix-store --optimise`) and `*.lock` files are Nix's own.
 fn unregistered(snap: &Snapshot, store: &Path) -> Result<Vec<String>> {
-    let entries = fs::read_dir(store).map_err(|e| Error::io(store, "cannot list the store", e))?;
+    let names = crate::nix::noatime::open_dir(store)
+        .and_then(crate::nix::noatime::names)
+        .map_err(|e| Error::io(store, "cannot list the store", e))?;
     let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io(store, "cannot list the store", e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+    for name in names {
+        let name = name.to_string_lossy().into_owned();
         if name == ".links" || name.ends_with(".lock") {
             continue;
         }

@@ -36,7 +36,7 @@ pub struct ResolvedImage {
 
 impl ResolvedImage {
     /// The state-file record for this image, with the store-only layers
-    /// unpacking found.
+    /// unpacking found; recorded now, its store paths yet unknown.
     pub fn record(&self, store_layers: Vec<StoreLayer>) -> ImageRecord {
         ImageRecord {
             reference: self.name.clone(),
@@ -46,6 +46,11 @@ impl ResolvedImage {
             platform: self.platform.to_string(),
             layers: self.manifest.layers.len(),
             store_layers,
+            store_paths: Vec::new(),
+            recorded_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs()),
         }
     }
 

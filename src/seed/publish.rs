@@ -281,7 +281,11 @@ fn merge_or_publish(
     reporter: &dyn Reporter,
     cancel: &Cancel,
 ) -> Result<Option<MergeSummary>> {
-    let record = resolved.record(unpacked.store_layers.clone());
+    let mut record = resolved.record(unpacked.store_layers.clone());
+    // What gc keeps for this image: its database's paths (a rootfs has one too).
+    record.store_paths = db::snapshot(&staging.rootfs())
+        .map(|snap| snap.paths.iter().map(|p| p.name().to_string()).collect())
+        .unwrap_or_default();
     if !merging {
         publish_unpacked(out, staging, layout, resolved, record, cancel)?;
         return Ok(None);
@@ -311,12 +315,11 @@ fn merge_or_publish(
     // unregistered, which Nix ignores. Then one transaction registers them.
     merge.install()?;
     let summary = merge.commit()?;
+    // Read the state file again rather than use what DIR held when the run
+    // began: a `hydrafy gc --drop-image` may have released an image since.
     // From now on DIR is a seed hydrafy knows, holding this image among others.
-    let prior = match out.holding() {
-        Holding::State(state) => Some(state),
-        Holding::Foreign | Holding::Nothing => None,
-    };
-    State::merged(prior, record).write(out.dir())?;
+    let prior = State::read(out.dir())?;
+    State::merged(prior.as_ref(), record).write(out.dir())?;
     drop(staging);
     Ok(Some(summary))
 }

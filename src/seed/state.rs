@@ -54,6 +54,14 @@ pub struct ImageRecord {
     /// of an image with the same layer skips it when the seed has them all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub store_layers: Vec<StoreLayer>,
+    /// Every store path (`HASH-NAME`) the image's own database registered:
+    /// what `hydrafy gc` keeps (with its closure) while the image is recorded.
+    /// Records written before hydrafy kept this list have only `store_layers`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub store_paths: Vec<String>,
+    /// When the image was fetched or merged into the directory (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_at: Option<u64>,
 }
 
 /// A layer (by diff_id) that held nothing but these store paths (`HASH-NAME`).
@@ -219,6 +227,8 @@ mod tests {
             platform: "linux/amd64".into(),
             layers: 3,
             store_layers: Vec::new(),
+            store_paths: Vec::new(),
+            recorded_at: None,
         }
     }
 
