@@ -18,7 +18,7 @@
 #      merged seed, alternately, three times each.
 #
 # usage: scripts/upgrade-bench.sh [--mb N] [--seed-mb N] [--work DIR]
-#   (--mb: the image's size, default 400; a quick check: --mb 60 --seed-mb 50)
+#   (--mb: the image's size, default 400; a quick check: --mb 80 --seed-mb 60)
 # needs: docker-registry python3 nix-bin pigz curl /usr/bin/time
 set -euo pipefail
 

@@ -222,43 +222,34 @@ fn assert_plan_waits_for(p: &Pair, lock_file: &Path, how: FlockOperation) {
     let rec = Recorder::default();
     let released = AtomicBool::new(false);
     let (seed, image) = (p.seed(), p.image());
-    let named = format!("waiting for {}", lock_file.display());
-    let said_waiting =
-        || {
-            rec.infos.lock().unwrap().iter().any(|m| {
-                m.starts_with("waiting for") && m.contains(&lock_file.display().to_string())
-            })
-        };
+    let path = lock_file.display().to_string();
+    let said_waiting = || {
+        let infos = rec.infos.lock().unwrap();
+        infos
+            .iter()
+            .any(|m| m.starts_with("waiting for") && m.contains(&path))
+    };
     thread::scope(|s| {
         let planner = s.spawn(|| {
             let m = Merge::plan(&seed, &image, &rec).unwrap();
             (released.load(Ordering::SeqCst), m.missing().len())
         });
-        wait_until(&format!("plan to report \"{named}\""), || {
+        wait_until(&format!("plan to report that it waits for {path}"), || {
             said_waiting() || planner.is_finished()
         });
         assert!(
             said_waiting(),
-            "plan did not say it waits for {}: {:?}",
-            lock_file.display(),
+            "plan did not say it waits for {path}: {:?}",
             rec.infos.lock().unwrap()
         );
         wait_until("plan to block on the lock", || {
             blocked_on_flock(lock_file) || planner.is_finished()
         });
-        assert!(
-            !planner.is_finished(),
-            "plan went on while {} was held",
-            lock_file.display()
-        );
+        assert!(!planner.is_finished(), "plan went on while {path} was held");
         released.store(true, Ordering::SeqCst);
         drop(held);
         let (after_release, missing) = planner.join().unwrap();
-        assert!(
-            after_release,
-            "plan went on while {} was held",
-            lock_file.display()
-        );
+        assert!(after_release, "plan went on while {path} was held");
         assert_eq!(missing, 2);
     });
 }
