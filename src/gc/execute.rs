@@ -15,8 +15,10 @@
 //! 1. take it, waiting at most `--wait` (polling: flock has no writer
 //!    preference, so a queue of shared holders could starve a blocked call);
 //! 2. take each victim's `nix/store/<path>.lock` without waiting (a locked
-//!    path is skipped) and look again: still registered under the same id,
-//!    not used since the plan (its atimes), not referenced by a path that stays;
+//!    path is skipped; a path with no lock file has no holder, and gc does
+//!    not create thousands of lock files while every job waits) and look
+//!    again: still registered under the same id, not used since the plan
+//!    (its atimes), not referenced by a path that stays;
 //! 3. unregister the victims in one SQLite transaction (`ValidPaths` rows;
 //!    the schema's foreign keys drop their `Refs` and `DerivationOutputs`,
 //!    and its `on delete restrict` refuses to drop a path that a remaining
@@ -43,7 +45,7 @@ use super::plan::{Plan, Policy, last_use};
 use super::scan::{self, LINKS_DIR, Scan};
 use super::trash::Trash;
 use crate::error::{Error, Result};
-use crate::nix::db::{self, DB_DIR, PathLock, STORE_DIR};
+use crate::nix::db::{self, DB_DIR, PathLock, STORE_DIR, TryLock};
 use crate::nix::noatime;
 use crate::ui::progress::Reporter;
 
@@ -223,10 +225,14 @@ impl Work<'_> {
                 path: info.path.clone(),
                 reason,
             };
-            let Some(lock) = PathLock::try_acquire(&store, info.name())? else {
-                done.skipped
-                    .push(skip("its lock is held (a job is adding or building it)"));
-                continue;
+            let lock = match PathLock::try_existing(&store, info.name())? {
+                TryLock::Free => None,
+                TryLock::Taken(lock) => Some(lock),
+                TryLock::Held => {
+                    done.skipped
+                        .push(skip("its lock is held (a job is adding or building it)"));
+                    continue;
+                }
             };
             let now = scan::walk(&store_fd, OsStr::new(info.name()), &AtomicBool::new(false))
                 .map_err(|e| Error::io(store.join(info.name()), "cannot read store path", e))?;
@@ -234,7 +240,7 @@ impl Work<'_> {
                 done.skipped.push(skip("used since gc looked"));
                 continue;
             }
-            locks.push(lock);
+            locks.extend(lock);
             chosen.push(i);
         }
         let mut entries = Vec::with_capacity(unregistered.len());
@@ -245,8 +251,11 @@ impl Work<'_> {
             } else {
                 entry.name.as_str()
             };
-            let Some(lock) = PathLock::try_acquire(&store, base)? else {
-                continue;
+            let lock = match PathLock::try_existing(&store, base)? {
+                TryLock::Free if entry.lock_file => continue, // gone meanwhile
+                TryLock::Free => None,
+                TryLock::Taken(lock) => Some(lock),
+                TryLock::Held => continue,
             };
             let fresh = match scan::stat_at(&store_fd, OsStr::new(base)) {
                 Ok(m) => entry.lock_file || m.ctime >= old_enough,
@@ -255,7 +264,7 @@ impl Work<'_> {
             if fresh {
                 continue;
             }
-            locks.push(lock);
+            locks.extend(lock);
             entries.push(u);
         }
 

@@ -118,9 +118,14 @@ impl GcReport {
                 show_bytes(self.store_bytes_after)
             ));
         } else {
+            let links = if self.links_removed > 0 {
+                format!(" and {} unused .links entries", self.links_removed)
+            } else {
+                String::new()
+            };
             out.push(format!(
-                "deleted {} store entries, {}, in {:.2} s; held the Nix store lock for {:.0} ms; \
-                 the store went from {} to {}",
+                "deleted {} store entries{links}, {}, in {:.2} s; held the Nix store lock for \
+                 {:.1} ms; the store went from {} to {}",
                 self.deleted.len(),
                 show_bytes(self.deleted_bytes),
                 self.seconds,
@@ -251,6 +256,15 @@ pub fn gc(opts: &GcOptions, reporter: &dyn Reporter, cancel: &AtomicBool) -> Res
     check_dir(dir)?;
     let state = State::read(dir)?;
     let images = roots::images(dir, state.as_ref(), &opts.drop_images)?;
+    if state.is_none() {
+        reporter.warn(&format!(
+            "{} has no hydrafy state file (a seed made by the docker-cp recipe?), so no image \
+             is protected, only gc roots and recent use; record the image the jobs use with \
+             `hydrafy fetch IMAGE -o {} --merge` first",
+            dir.display(),
+            dir.display()
+        ));
+    }
     let survey = Survey::take(dir, state, opts.jobs, reporter, cancel)?;
     let plan = survey.plan(&images, &policy);
     let scan = &survey.scan;

@@ -334,6 +334,16 @@ pub(crate) fn open_lock_file(path: &Path) -> Result<File> {
         .map_err(|e| Error::io(path, "cannot open lock file", e))
 }
 
+/// What [`PathLock::try_existing`] found.
+pub(crate) enum TryLock {
+    /// No lock file: no one holds the path's lock.
+    Free,
+    /// Someone holds it.
+    Held,
+    /// We hold it now.
+    Taken(PathLock),
+}
+
 /// An exclusive lock on one store path, `nix/store/<name>.lock`, taken as Nix
 /// takes it before it creates that path. Released (and the lock file removed
 /// the way Nix removes it, so that waiters see it is stale) on drop.
@@ -343,26 +353,33 @@ pub(crate) struct PathLock {
 }
 
 impl PathLock {
-    /// Take the lock on `store/<name>.lock` if no one holds it; `None` when
-    /// someone does (gc skips that path rather than wait).
-    pub(crate) fn try_acquire(store: &Path, name: &str) -> Result<Option<PathLock>> {
+    /// Without waiting: lock `store/<name>.lock` if it exists ([`TryLock::Taken`]),
+    /// or say that someone holds it, or that there is no lock file. No file
+    /// means no holder: a holder keeps its lock file until it lets go, and
+    /// removes it then. (gc, which holds big-lock exclusively meanwhile, so
+    /// avoids creating a lock file per victim while every job waits.)
+    pub(crate) fn try_existing(store: &Path, name: &str) -> Result<TryLock> {
         let path = store.join(format!("{name}.lock"));
         // A non-empty lock file was unlinked by its holder as we opened it:
-        // open the new one. A few tries; a named non-empty one is not Nix's.
+        // look again. A few tries; a named non-empty one is not Nix's.
         for _ in 0..3 {
-            let file = open_lock_file(&path)?;
+            let file = match OpenOptions::new().read(true).write(true).open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TryLock::Free),
+                Err(e) => return Err(Error::io(&path, "cannot open lock file", e)),
+            };
             if rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
-                return Ok(None);
+                return Ok(TryLock::Held);
             }
             let len = file
                 .metadata()
                 .map_err(|e| Error::io(&path, "cannot stat lock file", e))?
                 .len();
             if len == 0 {
-                return Ok(Some(PathLock { path, file }));
+                return Ok(TryLock::Taken(PathLock { path, file }));
             }
         }
-        Ok(None)
+        Ok(TryLock::Held)
     }
 
     fn acquire(store: &Path, name: &str, reporter: &dyn Reporter) -> Result<PathLock> {
