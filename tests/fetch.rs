@@ -12,7 +12,7 @@ use crate::support::image::{
 use crate::support::proxy::{Action, Proxy};
 use crate::support::registry::Registry;
 use crate::support::{
-    TestEnv, assert_fails, assert_ok, fingerprint, listing, nix, stderr, stdout, wait_until,
+    TestEnv, assert_fails, assert_ok, fingerprint, json, listing, nix, stderr, wait_until,
 };
 
 /// A minimal Nix-shaped image: one store path and a database file.
@@ -42,11 +42,6 @@ fn seed_image(reg: &Registry, repo: &str, tag: &str, marker: &str) -> Pushed {
             vec![layer(&t.finish(), Comp::Gzip, Media::Docker)],
         ),
     )
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_str(stdout(out).trim())
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(out)))
 }
 
 /// DIR holds image A; `run` must fail and leave DIR and its parent exactly as they were.

@@ -214,7 +214,7 @@ impl Seed {
         all.extend_from_slice(args);
         let out = self.gc(&all);
         assert_ok(&out);
-        serde_json::from_str(stdout(&out).trim()).expect("gc printed one JSON object")
+        crate::support::json(&out)
     }
 
     /// The oracle: Nix accepts the store, `kept` are valid and on disk,

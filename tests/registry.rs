@@ -18,7 +18,9 @@ use crate::support::proxy::{Action, Proxy, Request, Seen, Tunnel};
 use crate::support::registry::Registry;
 use crate::support::tls::Pki;
 use crate::support::token::{Issuer, Policy, SERVICE};
-use crate::support::{TestEnv, assert_fails, assert_ok, fingerprint, listing, stderr, stdout};
+use crate::support::{
+    TestEnv, assert_fails, assert_ok, fingerprint, json, listing, stderr, stdout,
+};
 
 /// A Nix-shaped image: a base layer with the database, then one store path
 /// per entry of `sizes`, each a file of pseudo-random (incompressible) bytes
@@ -89,11 +91,6 @@ fn hydrafy(env: &TestEnv) -> Command {
         .env_remove("ALL_PROXY")
         .env_remove("all_proxy");
     cmd
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_str(stdout(out).trim())
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(out)))
 }
 
 /// Body bytes the proxy sent for GETs of blob `digest`.
@@ -1073,22 +1070,28 @@ fn fetch_with_token_faults(actions: Vec<Action>) -> (Output, TestEnv, Vec<Seen>,
     let reg = Registry::start_sharing(&issuer.registry_config_via(&realm.addr), &plain);
     let env = TestEnv::new();
     let reference = format!("{}/pub/nix@{}", reg.addr, img.digest);
-    let out = run_within(
-        hydrafy(&env).env("HYDRAFY_LOW_SPEED", "1000/1").args([
-            "fetch",
-            "--plain-http",
-            "-q",
-            &reference,
-            "-o",
-            "out",
-        ]),
-        HANG,
-    );
+    let out = fetch_with_floor(&env, &reference);
     let seen = realm.seen_settled();
     (out, env, seen, issuer.requests().len())
 }
 
 const TOKEN_SEEDS: [(u64, usize); 1] = [(1, 20_000)];
+
+/// `hydrafy fetch --plain-http -q REFERENCE -o out` with a low-speed floor
+/// of 1000 B/s over 1 s, killed if it outlives [`HANG`].
+fn fetch_with_floor(env: &TestEnv, reference: &str) -> Output {
+    run_within(
+        hydrafy(env).env("HYDRAFY_LOW_SPEED", "1000/1").args([
+            "fetch",
+            "--plain-http",
+            "-q",
+            reference,
+            "-o",
+            "out",
+        ]),
+        HANG,
+    )
+}
 
 #[test]
 fn a_body_cut_short_is_retried_for_a_token_answer() {
@@ -1132,17 +1135,7 @@ fn fetch_a_trickling_manifest(action: Action, managed: &str) {
     });
     let env = TestEnv::new();
     let reference = format!("{}/pub/nix@{}", proxy.addr, img.digest);
-    let out = run_within(
-        hydrafy(&env).env("HYDRAFY_LOW_SPEED", "1000/1").args([
-            "fetch",
-            "--plain-http",
-            "-q",
-            &reference,
-            "-o",
-            "out",
-        ]),
-        HANG,
-    );
+    let out = fetch_with_floor(&env, &reference);
     assert_fails(
         &out,
         1,

@@ -91,6 +91,12 @@ pub fn wait_until(what: &str, mut event: impl FnMut() -> bool) {
     }
 }
 
+/// stdout parsed as the one JSON object `--json` prints.
+pub fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_str(stdout(out).trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(out)))
+}
+
 /// stderr as text.
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
