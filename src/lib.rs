@@ -12,7 +12,7 @@
 //!
 //! | folder | owns |
 //! |---|---|
-//! | [`cli`] | clap's types, their conversion to plain options, exit codes |
+//! | [`cli`] | clap's types and their conversion to plain options |
 //! | [`commands`] | one file per subcommand, end to end |
 //! | [`seed`] | the output directory: its state, staging, publish and merge |
 //! | [`blobs`] | the verified blob store (the cache) and downloads into it |
@@ -22,7 +22,7 @@
 //! | [`nix`] | NAR, Nix hashes, the database and its locks, verification |
 //! | [`oci`] | references, digests, platforms, manifests, image files |
 //! | [`ui`] | progress and cancellation |
-//! | [`error`] | the one error type, and how it is printed |
+//! | [`error`] | the one error type (registry failures by kind), how it is printed, the exit status |
 
 pub mod blobs;
 pub mod cli;
