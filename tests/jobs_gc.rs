@@ -1,10 +1,3 @@
-//! NOT YET REGISTERED in tests/tests.rs: enable with `mod jobs_gc;` there
-//! once `hydrafy gc` has landed. Written against the interface issue 12
-//! documents, `hydrafy gc DIR [--keep-days N] [--max-size SIZE] [--dry-run]
-//! [--wait DURATION] [--json]`; two expectations may need the final wording:
-//! the `--wait` failure names Nix as "busy", and a waiting gc says on stderr
-//! that it is "waiting" (as `fetch --merge` does for the Nix store lock).
-//!
 //! `hydrafy gc` against a real job container: every Nix process in a job
 //! holds `nix/var/nix/db/big-lock` shared for as long as it uses the store,
 //! so a gc, which needs it exclusively, waits until the job's build is done,
@@ -58,12 +51,35 @@ fn a_gc_started_while_a_job_builds_waits_for_it_and_keeps_the_jobs_output() {
     let seed_arg = seed.to_str().unwrap();
 
     // The job's Nix holds big-lock shared: a gc that may not wait gives up.
-    let out = env.run(&["gc", seed_arg, "--keep-days", "1", "--wait", "1s"]);
+    // gc dates a path's arrival by the ctime of its top entry, which no one
+    // can set back: so this gc runs two days from now (the hidden --now),
+    // where the stale path is two days old and the job's build, registered
+    // after gc planned, is no victim of that plan.
+    let later = (SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 2 * 86_400)
+        .to_string();
+    let out = env.run(&[
+        "gc",
+        seed_arg,
+        "--keep-days",
+        "1",
+        "--wait",
+        "1s",
+        "--now",
+        &later,
+    ]);
     assert_fails(&out, 1, &["busy"]);
     assert!(valid(&seed, &stale), "a gc that gave up deleted nothing");
 
     // One that may wait does, until the job is done.
-    let mut gc = background(env.hydrafy().args(["gc", seed_arg, "--keep-days", "1"]));
+    let mut gc =
+        background(
+            env.hydrafy()
+                .args(["gc", seed_arg, "--keep-days", "1", "--now", &later]),
+        );
     gc.wait_for_stderr("waiting");
     assert!(gc.is_running(), "gc is still waiting while the job builds");
     jobs.release("fresh");

@@ -9,6 +9,7 @@ mod fetch;
 mod gc;
 mod hostile;
 mod jobs;
+mod jobs_gc;
 mod merge;
 mod nixdb;
 mod registry;
