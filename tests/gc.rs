@@ -893,7 +893,12 @@ fn gc_after_fetch_and_merge_keeps_both_images_and_drops_only_what_jobs_left() {
             .iter()
             .map(|t| layer(t, Comp::Gzip, Media::Docker))
             .collect();
-        push(&reg.addr, "nixos/nix", None, &Image::new(Media::Docker, layers))
+        push(
+            &reg.addr,
+            "nixos/nix",
+            None,
+            &Image::new(Media::Docker, layers),
+        )
     };
     let (old_image, new_image) = (image(&old), image(&new));
 
