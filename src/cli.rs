@@ -160,7 +160,7 @@ pub struct GcArgs {
     /// The seed folder (what `hydrafy fetch -o DIR` wrote).
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
-    /// Keep every path registered or read in the last N days (the last hour is always kept).
+    /// Keep every path registered, added or read in the last N days (the last hour is always kept).
     #[arg(long, value_name = "N", default_value = "14")]
     pub keep_days: String,
     /// Stop deleting once the store is at most SIZE (bytes, or 500M, 200G, 1T).
@@ -194,16 +194,12 @@ pub struct StatusArgs {
     pub report: ReportArgs,
 }
 
-/// Hidden: what "now" is, in Unix seconds. The test suite moves it forward
-/// to age paths whose ctime it cannot set.
+/// Hidden: what "now" is, in Unix seconds. The test suite and gc-bench.sh
+/// move it forward to age paths whose ctime they cannot set. An option only,
+/// never read from the environment: a wrong clock makes gc delete more.
 #[derive(Debug, Args)]
 pub struct NowArg {
-    #[arg(
-        long = "now",
-        hide = true,
-        env = "HYDRAFY_NOW",
-        value_name = "UNIX_SECONDS"
-    )]
+    #[arg(long = "now", hide = true, value_name = "UNIX_SECONDS")]
     pub now: Option<i64>,
 }
 

@@ -946,3 +946,43 @@ fn gc_after_fetch_and_merge_keeps_both_images_and_drops_only_what_jobs_left() {
     seed.assert_consistent(&kept, &want.iter().collect::<Vec<_>>());
     assert_eq!(State::read(&dir).unwrap().unwrap().images.len(), 1);
 }
+
+#[test]
+fn on_a_noatime_mount_gc_says_so_once_and_counts_only_registration() {
+    require_tool("unshare", "util-linux");
+    let seed = Seed::new();
+    let p = seed.make(&[
+        spec("read-yesterday", 4, &[]),
+        spec("registered-yesterday", 4, &[]),
+    ]);
+    seed.registered(&p[0], 60);
+    seed.read(&p[0], 1);
+    seed.age(&p[1], 60);
+    seed.registered(&p[1], 1);
+    // A private mount namespace with a noatime tmpfs holding a copy of the seed.
+    let mnt = seed.env.join("noatime");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let script = format!(
+        "mount -t tmpfs -o noatime tmpfs {mnt} && cp -a {seed} {mnt}/seed && \
+         {hydrafy} gc {mnt}/seed --dry-run --json --now {now}",
+        mnt = mnt.display(),
+        seed = seed.dir().display(),
+        hydrafy = env!("CARGO_BIN_EXE_hydrafy"),
+        now = seed.now
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "needs root for a mount namespace: {}",
+        stderr(&out)
+    );
+    let err = stderr(&out);
+    assert_eq!(err.matches("noatime mount").count(), 1, "{err}");
+    let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(report["atimes"], "off");
+    // The read does not count there; the registration does.
+    assert_eq!(deleted_paths(&report), vec![p[0].clone()], "{report}");
+}

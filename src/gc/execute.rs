@@ -143,20 +143,8 @@ pub fn execute(
     cancel: &AtomicBool,
     commit_hook: &mut dyn FnMut() -> Result<()>,
 ) -> Result<(Done, Trash)> {
-    let mut victims = plan.victims.clone();
-    let mut unregistered = plan.unregistered.clone();
-    let room = room_for_locks(victims.len() + unregistered.len());
-    if victims.len() + unregistered.len() > room {
-        // Later paths in the order are the more recently used; every prefix may go.
-        let keep = victims.len() + unregistered.len() - room;
-        unregistered.truncate(unregistered.len().saturating_sub(keep));
-        let left = keep.saturating_sub(plan.unregistered.len() - unregistered.len());
-        victims.truncate(victims.len().saturating_sub(left));
-        reporter.warn(&format!(
-            "the open-file limit allows {room} path locks at once; deleting that many now, \
-             run gc again for the rest (or raise ulimit -n)"
-        ));
-    }
+    // Each existing lock file of a victim is an open file until the end.
+    raise_open_file_limit(plan.victims.len() + plan.unregistered.len() + 256);
     let (big_lock, waited) = lock_exclusive(dir, wait, reporter, cancel)?;
     let held_since = Instant::now();
     let trash = Trash::create(trash_home)?;
@@ -164,8 +152,8 @@ pub fn execute(
         dir,
         scan,
         policy,
-        victims: &victims,
-        unregistered: &unregistered,
+        victims: &plan.victims,
+        unregistered: &plan.unregistered,
         trash: &trash,
         reporter,
         cancel,
@@ -415,23 +403,21 @@ impl Work<'_> {
                 done.stranded.push(scan.snap.paths[i].path.clone());
             }
         }
-        for &u in &entries {
+        entries.retain(|&u| {
             let entry = &scan.unregistered[u];
             if entry.lock_file {
-                continue; // its PathLock removes it when dropped
+                return true; // its PathLock removes it when dropped
             }
             let name = OsStr::new(&entry.name);
-            match trash.take(&store_fd, name, name) {
-                Ok(()) => {}
-                Err(e) => {
-                    reporter.warn(&format!(
-                        "{}: cannot move it out of the store: {e}",
-                        store.join(name).display()
-                    ));
-                    continue;
-                }
+            let moved = trash.take(&store_fd, name, name);
+            if let Err(e) = &moved {
+                reporter.warn(&format!(
+                    "{}: cannot move it out of the store: {e}",
+                    store.join(name).display()
+                ));
             }
-        }
+            moved.is_ok()
+        });
         done.paths = final_paths;
         done.unregistered = entries;
         // `.links` entries whose last other link just went, unless a job linked
@@ -463,25 +449,21 @@ impl Work<'_> {
     }
 }
 
-/// Raise the open-file limit towards what `locks` path locks need; how many fit.
-fn room_for_locks(locks: usize) -> usize {
+/// Raise the soft limit on open files towards `want` (as far as the hard
+/// limit allows; past it, opening a lock file fails with a clear error
+/// before anything changed).
+fn raise_open_file_limit(want: usize) {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let want = locks as u64 + 256;
+    let want = want as u64;
     let have = getrlimit(Resource::Nofile);
-    let Some(current) = have.current else {
-        return locks;
-    };
-    if current >= want {
-        return locks;
+    if have.current.is_none_or(|cur| cur >= want) {
+        return;
     }
-    let raised = have.maximum.map_or(want, |max| want.min(max));
     let _ = setrlimit(
         Resource::Nofile,
         Rlimit {
-            current: Some(raised),
+            current: Some(have.maximum.map_or(want, |max| want.min(max))),
             maximum: have.maximum,
         },
     );
-    let now = getrlimit(Resource::Nofile).current.unwrap_or(raised);
-    (now.saturating_sub(256) as usize).min(locks)
 }

@@ -88,6 +88,9 @@ pub struct GcReport {
     pub links_bytes: u64,
     /// Paths the plan chose that stayed, and why.
     pub skipped: Vec<Skipped>,
+    /// Paths unregistered but not moved out of the store (an I/O error,
+    /// reported); the next gc removes them as unregistered entries.
+    pub stranded: Vec<String>,
     /// How far the store stays over `--max-size`.
     pub over_budget_by: Option<u64>,
     /// Images the state file no longer records.
@@ -289,6 +292,7 @@ pub fn gc(opts: &GcOptions, reporter: &dyn Reporter, cancel: &AtomicBool) -> Res
         links_removed: 0,
         links_bytes: 0,
         skipped: Vec::new(),
+        stranded: Vec::new(),
         over_budget_by: None,
         dropped_images: dropped,
         old_trash_removed: 0,
@@ -359,6 +363,7 @@ pub fn gc(opts: &GcOptions, reporter: &dyn Reporter, cancel: &AtomicBool) -> Res
             report.links_removed = done.links;
             report.links_bytes = done.links_bytes;
             report.skipped = done.skipped;
+            report.stranded = done.stranded;
             report.lock_wait_seconds = done.waited.as_secs_f64();
             report.lock_held_seconds = done.held.as_secs_f64();
             let at = bin.path().to_path_buf();
