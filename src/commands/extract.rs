@@ -105,8 +105,11 @@ async fn unpack_archive(
 ) -> Result<Unpacked> {
     let layers = archive.layer_inputs(resolved, &plan.layers)?;
     reporter.layer_total(layers.len() as u64);
-    let mut applier = Applier::new(&staging.rootfs(), apply)?
-        .with_filter(StoreLayers::skipping(plan.paths.clone()));
+    let mut applier = Applier::filtered(
+        &staging.rootfs(),
+        apply,
+        StoreLayers::skipping(plan.paths.clone()),
+    )?;
     // A failed attempt stops its own decoder, not the run: the caller may retry.
     let (cancel, _link) = cancel.attempt();
     applier.set_cancel(cancel.flag());

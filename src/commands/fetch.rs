@@ -127,8 +127,11 @@ pub async fn fetch(
         let registry = Arc::clone(&registry);
         let (staging, resolved, store, reporter) = (&staging, &resolved, &store, &reporter);
         async move {
-            let applier = Applier::new(&staging.rootfs(), apply)?
-                .with_filter(StoreLayers::skipping(plan.paths.clone()));
+            let applier = Applier::filtered(
+                &staging.rootfs(),
+                apply,
+                StoreLayers::skipping(plan.paths.clone()),
+            )?;
             let (stats, mut filter, downloaded) = unpack_from_registry(
                 registry,
                 resolved,

@@ -391,13 +391,7 @@ impl Registry {
                 Err(e) => last_err = Some(self.next_source(ep, e)?),
             }
         }
-        Err(last_err.unwrap_or_else(|| {
-            Error::registry(
-                self.image.to_string(),
-                RegistryFailure::Unavailable,
-                "no registry endpoint",
-            )
-        }))
+        Err(self.last_error(last_err))
     }
 
     /// A mirror's failure is a warning and the next source is tried; the
@@ -412,6 +406,17 @@ impl Registry {
             crate::error::report(&e)
         ));
         Ok(e)
+    }
+
+    /// What to report once every source failed: the last source's error.
+    fn last_error(&self, last: Option<Error>) -> Error {
+        last.unwrap_or_else(|| {
+            Error::registry(
+                self.image.to_string(),
+                RegistryFailure::Unavailable,
+                "no registry endpoint",
+            )
+        })
     }
 
     async fn manifest_from(&self, ep: &Endpoint, reference: &str) -> Result<Vec<u8>> {
@@ -518,13 +523,7 @@ impl Registry {
                 Err(e) => last_err = Some(self.next_source(ep, e)?),
             }
         }
-        Err(last_err.unwrap_or_else(|| {
-            Error::registry(
-                self.image.to_string(),
-                RegistryFailure::Unavailable,
-                "no registry endpoint",
-            )
-        }))
+        Err(self.last_error(last_err))
     }
 
     /// Download a blob into `store`, verified. An unfinished download left in
@@ -592,13 +591,7 @@ impl Registry {
                 break;
             }
         }
-        Err(last_err.unwrap_or_else(|| {
-            Error::registry(
-                self.image.to_string(),
-                RegistryFailure::Unavailable,
-                "no registry endpoint",
-            )
-        }))
+        Err(self.last_error(last_err))
     }
 
     /// The right to write `desc` into `store`, waiting while another process

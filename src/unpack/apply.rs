@@ -212,8 +212,16 @@ impl Written {
 }
 
 impl Applier {
-    /// Apply onto the directory at `root` (which must exist).
+    /// Apply onto the directory at `root` (which must exist), writing everything.
     pub fn new(root: &Path, opts: ApplyOptions) -> Result<Applier> {
+        Applier::filtered(root, opts, Unfiltered)
+    }
+}
+
+impl<F: EntryFilter> Applier<F> {
+    /// Apply onto the directory at `root` (which must exist), with `filter`
+    /// deciding what is written.
+    pub fn filtered(root: &Path, opts: ApplyOptions, filter: F) -> Result<Applier<F>> {
         let root =
             FsRoot::open(root).map_err(|e| Error::io(root, "cannot open the unpack root", e))?;
         let root_id = fsroot::id_of(root.fd())
@@ -233,42 +241,8 @@ impl Applier {
             buf: vec![0; 256 << 10],
             stats: ApplyStats::default(),
             warnings: Vec::new(),
-            filter: Unfiltered,
-        })
-    }
-}
-
-impl<F: EntryFilter> Applier<F> {
-    /// The same applier, with `filter` deciding what is written.
-    pub fn with_filter<G: EntryFilter>(self, filter: G) -> Applier<G> {
-        let Applier {
-            root,
-            opts,
-            dirs,
-            root_id,
-            parent_cache,
-            umask,
-            owner,
-            cancel,
-            buf,
-            stats,
-            warnings,
-            filter: _,
-        } = self;
-        Applier {
-            root,
-            opts,
-            dirs,
-            root_id,
-            parent_cache,
-            umask,
-            owner,
-            cancel,
-            buf,
-            stats,
-            warnings,
             filter,
-        }
+        })
     }
 
     /// The filter, with what it learned.
