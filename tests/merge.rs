@@ -7,7 +7,8 @@ use std::path::Path;
 use crate::support::image::{Comp, Image, Media, Pushed, layer, push, push_index};
 use crate::support::registry::Registry;
 use crate::support::{
-    TestEnv, assert_fails, assert_ok, fingerprint, listing, nix, seed_fingerprint, stdout,
+    TestEnv, assert_fails, assert_no_op, assert_ok, fingerprint, listing, nix, seed_fingerprint,
+    stdout,
 };
 
 /// Two Nix-layered images made from two real stores that share store paths:
@@ -193,12 +194,7 @@ fn merge_keeps_a_cached_build_and_adds_the_new_image_and_nix_store_agrees() {
     // DIR now holds both images: fetching either again changes nothing.
     for img in [&u.old, &u.new] {
         let again = env.run(&["fetch", "--plain-http", &img.reference, "--merge", "--json"]);
-        assert_ok(&again);
-        assert!(
-            stdout(&again).contains("\"unchanged\":true"),
-            "{}",
-            stdout(&again)
-        );
+        assert_no_op(&again);
     }
     let left: Vec<String> = listing(env.path())
         .into_iter()
@@ -365,12 +361,7 @@ fn merge_adopts_a_seed_made_by_the_docker_cp_recipe_and_keeps_its_cached_builds(
         "--merge",
         "--json",
     ]);
-    assert_ok(&again);
-    assert!(
-        stdout(&again).contains("\"unchanged\":true"),
-        "{}",
-        stdout(&again)
-    );
+    assert_no_op(&again);
 }
 
 #[test]
@@ -534,12 +525,7 @@ fn replace_after_merge_is_not_a_no_op_and_leaves_exactly_the_image() {
         "--replace",
         "--json",
     ]);
-    assert_ok(&again);
-    assert!(
-        stdout(&again).contains("\"unchanged\":true"),
-        "{}",
-        stdout(&again)
-    );
+    assert_no_op(&again);
 }
 
 /// The same bug through `extract`, on a seed the docker-cp recipe made: the
@@ -588,10 +574,5 @@ fn extract_replace_after_merge_into_an_adopted_seed_is_not_a_no_op() {
     );
 
     let again = env.run(&["extract", "new.tar", "--replace", "--json"]);
-    assert_ok(&again);
-    assert!(
-        stdout(&again).contains("\"unchanged\":true"),
-        "{}",
-        stdout(&again)
-    );
+    assert_no_op(&again);
 }

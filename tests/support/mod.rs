@@ -91,6 +91,16 @@ pub fn wait_until(what: &str, mut event: impl FnMut() -> bool) {
     }
 }
 
+/// A `--json` run that succeeded and changed nothing.
+pub fn assert_no_op(out: &Output) {
+    assert_ok(out);
+    assert!(
+        stdout(out).contains("\"unchanged\":true"),
+        "{}",
+        stdout(out)
+    );
+}
+
 /// stdout parsed as the one JSON object `--json` prints.
 pub fn json(out: &Output) -> serde_json::Value {
     serde_json::from_str(stdout(out).trim())
