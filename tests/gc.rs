@@ -260,16 +260,7 @@ impl Seed {
     }
 
     fn is_valid(&self, path: &str) -> bool {
-        let out = nix("nix-store", &self.dir())
-            .args(["--check-validity", "--print-invalid", path])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout.is_empty()
+        crate::support::nix::is_valid(&self.dir(), path)
     }
 }
 

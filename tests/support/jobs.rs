@@ -516,12 +516,7 @@ pub fn nix_image(
 
 /// Whether `path` is valid in the store at `seed`, asked of the host's `nix-store`.
 pub fn valid(seed: &Path, path: &str) -> bool {
-    nix::nix("nix-store", seed)
-        .args(["--check-validity", path])
-        .stderr(Stdio::null())
-        .status()
-        .unwrap()
-        .success()
+    nix::is_valid(seed, path)
 }
 
 /// Assert the host's `nix-store --verify --check-contents` passes on `seed`.

@@ -81,6 +81,21 @@ pub fn query(root: &Path, args: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// Whether Nix holds `path` valid in the store at `root` (a `nix-store`
+/// that cannot answer fails the test).
+pub fn is_valid(root: &Path, path: &str) -> bool {
+    let out = nix("nix-store", root)
+        .args(["--check-validity", "--print-invalid", path])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout.is_empty()
+}
+
 /// The oracle: `nix-store --verify --check-contents` on the store at `root`.
 pub struct NixVerdict {
     pub ok: bool,
