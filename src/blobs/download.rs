@@ -4,6 +4,11 @@
 //! verified store (the cache, or a private one); each is posted to a board as
 //! it lands, where the decoder thread waits for the layer it needs next. A
 //! failed download is posted too, so the pipeline stops on the real error.
+//!
+//! This room owns the store's side of a download: waiting while another
+//! process holds a blob's claim, resuming what an earlier run left, and
+//! keeping configs in the cache; the registry client only moves bytes into
+//! a [`BlobSink`].
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -16,12 +21,12 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::blobs::store::{BlobStore, Growing};
+use crate::blobs::store::{BlobStore, BlobWriter, Claim, Growing};
 use crate::error::{Error, RegistryFailure, Result};
 use crate::oci::digest::Digest;
 use crate::oci::manifest::Descriptor;
 use crate::oci::resolve::ResolvedImage;
-use crate::registry::client::Registry;
+use crate::registry::client::{BlobSink, Registry, SERVED_OTHER_BYTES};
 use crate::ui::cancel::Cancel;
 use crate::ui::progress::Reporter;
 use crate::unpack::apply::{Applier, ApplyStats, EntryFilter};
@@ -269,7 +274,138 @@ async fn fetch_blob(
             desc.digest
         ));
     }
-    registry.download_blob(desc, store, Some(growing)).await
+    download_blob(registry, store, desc, reporter, Some(growing)).await
+}
+
+/// Download a blob into `store`, verified. An unfinished download left in
+/// the store (by this run or an earlier one) is resumed; a blob another
+/// process is downloading into the same store is waited for. Returns the
+/// stored path and the bytes received.
+///
+/// With `growing`, a reader can follow the bytes as they arrive (the
+/// unpack pipeline starts on a large layer before it is all here); it
+/// learns that the blob verified when this returns.
+pub async fn download_blob(
+    registry: &Registry,
+    store: &BlobStore,
+    desc: &Descriptor,
+    reporter: &dyn Reporter,
+    growing: Option<Arc<Growing>>,
+) -> Result<(PathBuf, u64)> {
+    let path = store.path(&desc.digest);
+    let Some(mut writer) = claim(store, desc, reporter).await? else {
+        return Ok((path, 0));
+    };
+    if let Some(g) = growing {
+        writer.watch(g);
+    }
+    if writer.resumed() > 0 {
+        reporter.info(&format!(
+            "blob {}: resuming at byte {} of {}, where an earlier run stopped",
+            desc.digest,
+            writer.resumed(),
+            desc.size
+        ));
+        reporter.downloaded(writer.resumed());
+    }
+    let mut sink = StoreSink {
+        writer: &mut writer,
+        reporter,
+    };
+    let received = registry.download_blob(desc, &mut sink).await?;
+    Ok((path, received))
+}
+
+/// The right to write `desc` into `store`, waiting while another process
+/// writes it. `None`: the blob is already there, verified.
+async fn claim(
+    store: &BlobStore,
+    desc: &Descriptor,
+    reporter: &dyn Reporter,
+) -> Result<Option<BlobWriter>> {
+    let mut told = false;
+    loop {
+        let (s, d) = (store.clone(), desc.clone());
+        let claim = tokio::task::spawn_blocking(move || -> Result<Option<Claim>> {
+            if s.has(&d) && s.verify(&d)? {
+                return Ok(None);
+            }
+            let claim = s.try_claim(&d)?;
+            // Committed by another process between the check and the claim.
+            if matches!(claim, Claim::Writer(_)) && s.has(&d) && s.verify(&d)? {
+                return Ok(None);
+            }
+            Ok(Some(claim))
+        })
+        .await
+        .expect("blob claim thread panicked")?;
+        match claim {
+            None => return Ok(None),
+            Some(Claim::Writer(w)) => return Ok(Some(*w)),
+            Some(Claim::Busy) => {
+                if !told {
+                    told = true;
+                    reporter.info(&format!(
+                        "blob {}: another hydrafy run is downloading it into the cache; waiting for it",
+                        desc.digest
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// A download into the store: progress is counted as bytes are written,
+/// and the blob is verified and committed when its body is complete.
+struct StoreSink<'a> {
+    writer: &'a mut BlobWriter,
+    reporter: &'a dyn Reporter,
+}
+
+impl BlobSink for StoreSink<'_> {
+    fn len(&self) -> u64 {
+        self.writer.len()
+    }
+
+    fn write(&mut self, chunk: &[u8]) -> Result<()> {
+        self.writer.write(chunk)?;
+        self.reporter.downloaded(chunk.len() as u64);
+        Ok(())
+    }
+
+    fn restart(&mut self) -> Result<()> {
+        self.writer.restart()
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.writer.commit().map(drop)
+    }
+}
+
+/// An image config (a small blob read into memory), verified; from `cache`
+/// when it holds it, and kept there after a download, so that a re-fetch
+/// costs no blob request at all.
+pub async fn config_blob(
+    registry: &Registry,
+    cache: Option<&BlobStore>,
+    desc: &Descriptor,
+    max: u64,
+) -> Result<Vec<u8>> {
+    if let Some(store) = cache
+        && store.has(desc)
+        && let Ok(bytes) = std::fs::read(store.path(&desc.digest))
+        && desc.check("blob", &bytes, SERVED_OTHER_BYTES).is_ok()
+    {
+        return Ok(bytes);
+    }
+    let bytes = registry.blob_bytes(desc, max).await?;
+    if let Some(store) = cache {
+        let (s, d, b) = (store.clone(), desc.clone(), bytes.clone());
+        // A cache that cannot be written is no reason to fail the pull.
+        let _ = tokio::task::spawn_blocking(move || s.put(&d, &b)).await;
+    }
+    Ok(bytes)
 }
 
 /// Where the decoder thread waits for downloads to land.

@@ -67,10 +67,8 @@ pub async fn fetch(
     {
         return Ok(summary);
     }
-    let mut registry = Registry::new(&image, &opts.registry, Arc::clone(&reporter))?;
-    if let Some(dir) = &opts.cache {
-        registry = registry.with_cache(BlobStore::open(dir)?);
-    }
+    let registry = Registry::new(&image, &opts.registry, Arc::clone(&reporter))?;
+    let cache = opts.cache.as_deref().map(BlobStore::open).transpose()?;
     // A tag alone, and DIR holds an image: one HEAD says whether it is this
     // one, without a manifest GET (the request Docker Hub's rate limit counts).
     if image.digest.is_none() && matches!(out.holding(), Holding::State(_)) {
@@ -93,7 +91,7 @@ pub async fn fetch(
     out.check_overwrite(opts.existing, &image.to_string())?;
 
     let resolved = tokio::select! {
-        r = resolve(&registry, &image, &platform, opts.platform.is_some(), &*reporter) => r?,
+        r = resolve(&registry, cache.as_ref(), &image, &platform, opts.platform.is_some(), &*reporter) => r?,
         () = cancel.cancelled() => return Err(Error::Interrupted),
     };
     if image.digest.is_none() {
@@ -116,8 +114,8 @@ pub async fn fetch(
     reporter.info(&resolved.describe());
 
     let staging = out.stage()?;
-    let store = match &opts.cache {
-        Some(dir) => BlobStore::open(dir)?,
+    let store = match cache {
+        Some(cache) => cache,
         None => BlobStore::open(&staging.path().join("blobs"))?,
     };
     let plan = SkipPlan::new(&out, opts.existing, &resolved)?;

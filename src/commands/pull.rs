@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::blobs::download::download_blobs;
+use crate::blobs::download::{config_blob, download_blobs};
 use crate::blobs::store::BlobStore;
 use crate::error::{Error, RegistryFailure, Result};
 use crate::oci::digest::Digest;
@@ -105,11 +105,8 @@ pub async fn pull(
         });
     }
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
-    let mut registry = Registry::new(&image, &opts.registry, Arc::clone(&reporter))?;
-    if let Some(dir) = &opts.cache {
-        registry = registry.with_cache(BlobStore::open(dir)?);
-    }
-    let registry = Arc::new(registry);
+    let registry = Arc::new(Registry::new(&image, &opts.registry, Arc::clone(&reporter))?);
+    let cache = opts.cache.as_deref().map(BlobStore::open).transpose()?;
     let name = image.to_string();
 
     let top_ref = image.manifest_ref();
@@ -185,7 +182,7 @@ pub async fn pull(
                 "an index nested in an index is not supported",
             ));
         };
-        let config = registry.blob_bytes(&m.config, MAX_CONFIG_BYTES).await?;
+        let config = config_blob(&registry, cache.as_ref(), &m.config, MAX_CONFIG_BYTES).await?;
         if let Some(p) = offered {
             platforms.push(p.to_string());
         } else if let Ok(c) = serde_json::from_slice::<serde_json::Value>(&config) {
@@ -214,8 +211,8 @@ pub async fn pull(
 
     // Layers go through the verified cache (or a private temporary store).
     let temp_store = tempfile_dir_beside(&opts.output)?;
-    let store = match &opts.cache {
-        Some(dir) => BlobStore::open(dir)?,
+    let store = match cache {
+        Some(cache) => cache,
         None => BlobStore::open(temp_store.path())?,
     };
     let (paths, downloaded) = download_blobs(

@@ -190,17 +190,7 @@ impl Files {
     /// Read a blob named by `desc` and check digest and size.
     fn blob(&self, desc: &Descriptor, what: &'static str, max: u64) -> Result<Vec<u8>> {
         let bytes = self.read(&blob_name(&desc.digest), max)?;
-        if bytes.len() as u64 != desc.size {
-            return Err(Error::SizeMismatch {
-                what,
-                digest: desc.digest,
-                expected: desc.size,
-                found: bytes.len() as u64,
-                truncated: false,
-            });
-        }
-        desc.digest
-            .verify(what, &bytes, "the archive is corrupt; copy it again")?;
+        desc.check(what, &bytes, "the archive is corrupt; copy it again")?;
         Ok(bytes)
     }
 }

@@ -58,6 +58,23 @@ pub struct Descriptor {
     pub annotations: Option<BTreeMap<String, String>>,
 }
 
+impl Descriptor {
+    /// Check that `bytes` are the blob this names: its size, then its
+    /// digest; `hint` says what to do when they are not.
+    pub fn check(&self, what: &'static str, bytes: &[u8], hint: &'static str) -> Result<()> {
+        if bytes.len() as u64 != self.size {
+            return Err(Error::SizeMismatch {
+                what,
+                digest: self.digest,
+                expected: self.size,
+                found: bytes.len() as u64,
+                truncated: false,
+            });
+        }
+        self.digest.verify(what, bytes, hint)
+    }
+}
+
 /// An OCI index or Docker manifest list.
 #[derive(Clone, Debug)]
 pub struct Index {

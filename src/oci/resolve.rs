@@ -7,6 +7,8 @@
 //! registry; [`finish_resolve`] is the part every source shares (`extract`
 //! reads the same JSON from a file).
 
+use crate::blobs::download::config_blob;
+use crate::blobs::store::BlobStore;
 use crate::error::{Error, Result};
 use crate::oci::digest::Digest;
 use crate::oci::manifest::{
@@ -15,7 +17,6 @@ use crate::oci::manifest::{
 use crate::oci::platform::Platform;
 use crate::oci::reference::ImageRef;
 use crate::registry::client::Registry;
-use crate::seed::state::{ImageRecord, StoreLayer};
 use crate::ui::progress::Reporter;
 
 /// An image whose manifest chain has been fetched (or read) and verified.
@@ -35,25 +36,6 @@ pub struct ResolvedImage {
 }
 
 impl ResolvedImage {
-    /// The state-file record for this image, with the store-only layers
-    /// unpacking found; recorded now, its store paths yet unknown.
-    pub fn record(&self, store_layers: Vec<StoreLayer>) -> ImageRecord {
-        ImageRecord {
-            reference: self.name.clone(),
-            index_digest: self.index_digest,
-            manifest_digest: self.manifest_digest,
-            config_digest: self.manifest.config.digest,
-            platform: self.platform.to_string(),
-            layers: self.manifest.layers.len(),
-            store_layers,
-            store_paths: Vec::new(),
-            recorded_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()
-                .map(|d| d.as_secs()),
-        }
-    }
-
     /// A one-line description for progress output.
     pub fn describe(&self) -> String {
         format!(
@@ -66,11 +48,13 @@ impl ResolvedImage {
     }
 }
 
-/// Fetch the manifest chain of `image` for `platform` from `registry`.
+/// Fetch the manifest chain of `image` for `platform` from `registry` (its
+/// config from `cache` when it holds it).
 /// `explicit` says whether the user chose the platform (a single-platform
 /// image for another one is then an error rather than a warning).
 pub async fn resolve(
     registry: &Registry,
+    cache: Option<&BlobStore>,
     image: &ImageRef,
     platform: &Platform,
     explicit: bool,
@@ -100,9 +84,7 @@ pub async fn resolve(
             }
             Manifest::Image(m) => (None, top.digest, m, None),
         };
-    let config_bytes = registry
-        .blob_bytes(&manifest.config, MAX_CONFIG_BYTES)
-        .await?;
+    let config_bytes = config_blob(registry, cache, &manifest.config, MAX_CONFIG_BYTES).await?;
     finish_resolve(FinishResolve {
         name: image
             .pinned(index_digest.unwrap_or(manifest_digest))

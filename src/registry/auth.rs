@@ -138,15 +138,23 @@ pub struct Token {
     pub renew_at: Instant,
 }
 
+/// Why a token service's answer gives no token.
+#[derive(Debug, thiserror::Error)]
+pub enum BadToken {
+    #[error("the token service's answer is not a token: {0}")]
+    NotJson(#[from] serde_json::Error),
+    #[error("the token service's answer holds no token")]
+    Empty,
+}
+
 /// Read a realm's JSON answer, received at `received`.
-pub fn parse_token(body: &[u8], received: Instant) -> Result<Token, String> {
-    let resp: TokenResponse = serde_json::from_slice(body)
-        .map_err(|e| format!("the token service's answer is not a token: {e}"))?;
+pub fn parse_token(body: &[u8], received: Instant) -> Result<Token, BadToken> {
+    let resp: TokenResponse = serde_json::from_slice(body)?;
     let token = resp
         .token
         .or(resp.access_token)
         .filter(|t| !t.is_empty())
-        .ok_or("the token service's answer holds no token")?;
+        .ok_or(BadToken::Empty)?;
     let lifetime = resp
         .expires_in
         .filter(|s| *s > 0)
@@ -240,7 +248,13 @@ mod tests {
         assert_eq!(t.renew_at - now, Duration::from_millis(2700));
         let t = parse_token(br#"{"token":"abc"}"#, now).unwrap();
         assert_eq!(t.renew_at - now, Duration::from_secs(54));
-        assert!(parse_token(br#"{"token":""}"#, now).is_err());
-        assert!(parse_token(b"<html>", now).is_err());
+        assert!(matches!(
+            parse_token(br#"{"token":""}"#, now),
+            Err(BadToken::Empty)
+        ));
+        assert!(matches!(
+            parse_token(b"<html>", now),
+            Err(BadToken::NotJson(_))
+        ));
     }
 }

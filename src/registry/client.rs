@@ -33,8 +33,9 @@
 //!   `Registry::fetch_body`: a transfer that breaks off is asked for again,
 //!   a blob with a Range request from the bytes already received (restarting
 //!   from zero when the server ignores Range; across runs too, see
-//!   [`crate::blobs::store`]), anything else from the start; the whole blob is
-//!   verified at the end.
+//!   [`crate::blobs::download`]), anything else from the start; the whole
+//!   blob is verified at the end. Where a blob's bytes go (the verified
+//!   store, its claims and its cache) is the caller's: a [`BlobSink`].
 //! - Trickles: a transfer slower than the floor of [`LOW_SPEED`] (its
 //!   headers included) counts as a failed attempt, like a broken one, so a
 //!   source that sends a byte now and then cannot hold a run forever.
@@ -53,7 +54,6 @@ use reqwest::header::{
 use reqwest::{Method, StatusCode};
 use tokio::sync::{Mutex, OnceCell};
 
-use crate::blobs::store::{BlobStore, BlobWriter, Claim, Growing};
 use crate::error::{Error, RegistryFailure, Result};
 use crate::oci::digest::Digest;
 use crate::oci::manifest::{Descriptor, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES};
@@ -65,6 +65,9 @@ use crate::ui::progress::Reporter;
 const USER_AGENT: &str = concat!("hydrafy/", env!("CARGO_PKG_VERSION"));
 /// The largest token-service answer read (Docker Hub's are a few KB).
 const MAX_TOKEN_RESPONSE: u64 = 1 << 20;
+/// What to do when a blob's bytes are not the ones the image names.
+pub const SERVED_OTHER_BYTES: &str =
+    "the registry, a mirror or a proxy served different bytes than the image names";
 /// The most of an error answer's body read, to quote it.
 const MAX_ERROR_BODY: u64 = 4 << 10;
 
@@ -100,18 +103,17 @@ pub const LOW_SPEED: LowSpeed = LowSpeed {
 pub const LOW_SPEED_ENV: &str = "HYDRAFY_LOW_SPEED";
 
 impl FromStr for LowSpeed {
-    type Err = String;
+    type Err = Error;
 
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let bad = || {
-            "expected BYTES/SECONDS (bytes per second, averaged over seconds), as 1000/30"
-                .to_string()
-        };
-        let (bytes, secs) = s.trim().split_once('/').ok_or_else(bad)?;
-        let bytes_per_sec = bytes.trim().parse().map_err(|_| bad())?;
-        let secs: u64 = secs.trim().parse().map_err(|_| bad())?;
+    /// `BYTES/SECONDS`, as [`LOW_SPEED_ENV`] holds it.
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |reason: &str| Error::invalid(LOW_SPEED_ENV, s, reason);
+        let expected = "expected BYTES/SECONDS (bytes per second, averaged over seconds), as 1000/30";
+        let (bytes, secs) = s.trim().split_once('/').ok_or_else(|| bad(expected))?;
+        let bytes_per_sec = bytes.trim().parse().map_err(|_| bad(expected))?;
+        let secs: u64 = secs.trim().parse().map_err(|_| bad(expected))?;
         if secs == 0 {
-            return Err("the window must be at least 1 second".to_string());
+            return Err(bad("the window must be at least 1 second"));
         }
         Ok(LowSpeed {
             bytes_per_sec,
@@ -124,9 +126,7 @@ impl LowSpeed {
     /// [`LOW_SPEED_ENV`] when set, else `self`.
     fn or_from_env(self) -> Result<LowSpeed> {
         match std::env::var(LOW_SPEED_ENV) {
-            Ok(v) => v
-                .parse()
-                .map_err(|reason: String| Error::invalid(LOW_SPEED_ENV, v, reason)),
+            Ok(v) => v.parse(),
             Err(_) => Ok(self),
         }
     }
@@ -268,8 +268,6 @@ pub struct Registry {
     endpoints: Vec<Endpoint>,
     opts: RegistryOptions,
     reporter: Arc<dyn Reporter>,
-    /// Where small blobs read into memory (configs) are cached too.
-    cache: Option<BlobStore>,
 }
 
 /// A manifest body and the digest it hashes to.
@@ -342,15 +340,7 @@ impl Registry {
             endpoints,
             opts,
             reporter,
-            cache: None,
         })
-    }
-
-    /// Also keep blobs read into memory (image configs) in `store`, and look
-    /// there first: a re-fetch then costs no blob request at all.
-    pub fn with_cache(mut self, store: BlobStore) -> Registry {
-        self.cache = Some(store);
-        self
     }
 
     /// Fetch a manifest by tag or digest. With `expected`, the body must hash
@@ -478,23 +468,6 @@ impl Registry {
                 ),
             ));
         }
-        if let Some(store) = &self.cache
-            && store.has(desc)
-            && let Ok(bytes) = std::fs::read(store.path(&desc.digest))
-            && check_bytes(desc, &bytes).is_ok()
-        {
-            return Ok(bytes);
-        }
-        let bytes = self.blob_bytes_from_sources(desc).await?;
-        if let Some(store) = &self.cache {
-            let (s, d, b) = (store.clone(), desc.clone(), bytes.clone());
-            // A cache that cannot be written is no reason to fail the pull.
-            let _ = tokio::task::spawn_blocking(move || s.put(&d, &b)).await;
-        }
-        Ok(bytes)
-    }
-
-    async fn blob_bytes_from_sources(&self, desc: &Descriptor) -> Result<Vec<u8>> {
         let mut last_err = None;
         let path = format!("blobs/{}", desc.digest);
         for ep in &self.endpoints {
@@ -514,7 +487,7 @@ impl Registry {
                 };
                 self.fetch_body(&source, &target, &mut body, Some(desc))
                     .await?;
-                check_bytes(desc, &body.bytes)?;
+                desc.check("blob", &body.bytes, SERVED_OTHER_BYTES)?;
                 Ok(body.bytes)
             }
             .await;
@@ -526,55 +499,32 @@ impl Registry {
         Err(self.last_error(last_err))
     }
 
-    /// Download a blob into `store`, verified. An unfinished download left in
-    /// the store (by this run or an earlier one) is resumed with Range
-    /// requests; a blob another process is downloading into the same store is
-    /// waited for. Returns the stored path and the bytes received.
-    ///
-    /// With `growing`, a reader can follow the bytes as they arrive (the
-    /// unpack pipeline starts on a large layer before it is all here); it
-    /// learns that the blob verified when this returns.
-    pub async fn download_blob(
-        &self,
-        desc: &Descriptor,
-        store: &BlobStore,
-        growing: Option<Arc<Growing>>,
-    ) -> Result<(PathBuf, u64)> {
-        let Some(mut writer) = self.claim(desc, store).await? else {
-            return Ok((store.path(&desc.digest), 0));
-        };
-        if let Some(g) = growing {
-            writer.watch(g);
-        }
-        if writer.resumed() > 0 {
-            self.reporter.info(&format!(
-                "blob {}: resuming at byte {} of {}, where an earlier run stopped",
-                desc.digest,
-                writer.resumed(),
-                desc.size
-            ));
-            self.reporter.downloaded(writer.resumed());
-        }
+    /// Download a blob into `sink`, which already holds `sink.len()` bytes
+    /// of it (an unfinished download to resume with Range). The blob is
+    /// whole when [`BlobSink::finish`] accepts it. A sink whose bytes fail
+    /// that check is emptied; if they were inherited (from an earlier
+    /// attempt, source or run) the same source gets one clean try, else the
+    /// next source resumes from what this one left. Returns the bytes
+    /// received over the wire.
+    pub async fn download_blob(&self, desc: &Descriptor, sink: &mut dyn BlobSink) -> Result<u64> {
         let mut received = 0;
         let mut last_err = None;
         for ep in &self.endpoints {
             let mut started_over = false;
             loop {
-                let inherited = writer.len();
+                let inherited = sink.len();
                 let result = self
-                    .download_from(ep, desc, &mut writer, &mut received)
+                    .download_from(ep, desc, sink, &mut received)
                     .await
-                    .and_then(|()| writer.commit());
+                    .and_then(|()| sink.finish());
                 let e = match result {
-                    Ok(path) => return Ok((path, received)),
+                    Ok(()) => return Ok(received),
                     Err(e) => e,
                 };
                 let content =
                     matches!(e, Error::DigestMismatch { .. } | Error::SizeMismatch { .. });
                 if content {
-                    writer.restart()?;
-                    // Bytes from an earlier attempt, source or run may be
-                    // what was wrong: this source gets one clean try.
+                    sink.restart()?;
                     if inherited > 0 && !started_over {
                         started_over = true;
                         self.reporter.warn(&format!(
@@ -585,8 +535,6 @@ impl Registry {
                         continue;
                     }
                 }
-                // A mirror that broke off leaves its (so far unverified) bytes
-                // for the next source to resume from.
                 last_err = Some(self.next_source(ep, e)?);
                 break;
             }
@@ -594,48 +542,12 @@ impl Registry {
         Err(self.last_error(last_err))
     }
 
-    /// The right to write `desc` into `store`, waiting while another process
-    /// writes it. `None`: the blob is already there, verified.
-    async fn claim(&self, desc: &Descriptor, store: &BlobStore) -> Result<Option<BlobWriter>> {
-        let mut told = false;
-        loop {
-            let (s, d) = (store.clone(), desc.clone());
-            let claim = tokio::task::spawn_blocking(move || -> Result<Option<Claim>> {
-                if s.has(&d) && s.verify(&d)? {
-                    return Ok(None);
-                }
-                let claim = s.try_claim(&d)?;
-                // Committed by another process between the check and the claim.
-                if matches!(claim, Claim::Writer(_)) && s.has(&d) && s.verify(&d)? {
-                    return Ok(None);
-                }
-                Ok(Some(claim))
-            })
-            .await
-            .expect("blob claim thread panicked")?;
-            match claim {
-                None => return Ok(None),
-                Some(Claim::Writer(w)) => return Ok(Some(*w)),
-                Some(Claim::Busy) => {
-                    if !told {
-                        told = true;
-                        self.reporter.info(&format!(
-                            "blob {}: another hydrafy run is downloading it into the cache; waiting for it",
-                            desc.digest
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-
-    /// Fill `writer` from one source (see [`Registry::fetch_body`]).
+    /// Fill `sink` from one source (see [`Registry::fetch_body`]).
     async fn download_from(
         &self,
         ep: &Endpoint,
         desc: &Descriptor,
-        writer: &mut BlobWriter,
+        sink: &mut dyn BlobSink,
         received: &mut u64,
     ) -> Result<()> {
         let target = format!("blob {} ({})", desc.digest, ep.label());
@@ -645,11 +557,7 @@ impl Registry {
             path: &path,
             what: "blob",
         };
-        let mut sink = Download {
-            writer,
-            received,
-            reporter: &*self.reporter,
-        };
+        let mut sink = Download { sink, received };
         self.fetch_body(&source, &target, &mut sink, Some(desc))
             .await
             .map(drop)
@@ -1163,7 +1071,7 @@ impl Registry {
             ));
         }
         auth::parse_token(&body, asked)
-            .map_err(|e| Error::registry(target, RegistryFailure::BadAnswer, e))
+            .map_err(|e| Error::registry(target, RegistryFailure::BadAnswer, e.to_string()))
     }
 
     /// The start of an error answer's body, to quote: what arrives of its
@@ -1200,6 +1108,19 @@ enum Source<'a> {
 }
 
 /// Where a body goes as it arrives.
+/// Where a blob's bytes go: the caller owns storing and verifying them.
+pub trait BlobSink: Send {
+    /// The bytes it holds: a download resumes from here.
+    fn len(&self) -> u64;
+    fn write(&mut self, chunk: &[u8]) -> Result<()>;
+    /// Forget what arrived: the blob starts over.
+    fn restart(&mut self) -> Result<()>;
+    /// The body is complete: accept it (verified) or say why not; a
+    /// `DigestMismatch` or `SizeMismatch` makes the download try again.
+    fn finish(&mut self) -> Result<()>;
+}
+
+/// One body being read (see [`Registry::fetch_body`]).
 trait Sink {
     fn len(&self) -> u64;
     fn write(&mut self, chunk: &[u8]) -> Result<()>;
@@ -1247,25 +1168,23 @@ impl<F: Fn(u64) -> Error> Sink for Memory<F> {
 
 /// A layer blob streamed into the store, counted for progress.
 struct Download<'a> {
-    writer: &'a mut BlobWriter,
+    sink: &'a mut dyn BlobSink,
     received: &'a mut u64,
-    reporter: &'a dyn Reporter,
 }
 
 impl Sink for Download<'_> {
     fn len(&self) -> u64 {
-        self.writer.len()
+        self.sink.len()
     }
 
     fn write(&mut self, chunk: &[u8]) -> Result<()> {
-        self.writer.write(chunk)?;
+        self.sink.write(chunk)?;
         *self.received += chunk.len() as u64;
-        self.reporter.downloaded(chunk.len() as u64);
         Ok(())
     }
 
     fn restart(&mut self) -> Result<()> {
-        self.writer.restart()
+        self.sink.restart()
     }
 }
 
@@ -1464,23 +1383,6 @@ fn http_error(target: &str, action: &str, e: reqwest::Error) -> Error {
     }
 }
 
-fn check_bytes(desc: &Descriptor, bytes: &[u8]) -> Result<()> {
-    if bytes.len() as u64 != desc.size {
-        return Err(Error::SizeMismatch {
-            what: "blob",
-            digest: desc.digest,
-            expected: desc.size,
-            found: bytes.len() as u64,
-            truncated: bytes.len() as u64 > desc.size,
-        });
-    }
-    desc.digest.verify(
-        "blob",
-        bytes,
-        "the registry, a mirror or a proxy served different bytes than the image names",
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1569,16 +1471,13 @@ mod tests {
     #[test]
     fn a_low_speed_floor_is_bytes_per_second_over_seconds() {
         assert_eq!(
-            "1000/30".parse(),
-            Ok(LowSpeed {
+            "1000/30".parse::<LowSpeed>().unwrap(),
+            LowSpeed {
                 bytes_per_sec: 1000,
                 window: Duration::from_secs(30)
-            })
+            }
         );
-        assert_eq!(
-            " 0 / 1 ".parse::<LowSpeed>().map(|l| l.bytes_per_sec),
-            Ok(0)
-        );
+        assert_eq!(" 0 / 1 ".parse::<LowSpeed>().unwrap().bytes_per_sec, 0);
         for bad in ["1000", "1000/0", "fast/30", "1000/1.5", "-1/30"] {
             assert!(bad.parse::<LowSpeed>().is_err(), "{bad}");
         }

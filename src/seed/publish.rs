@@ -281,7 +281,7 @@ fn merge_or_publish(
     reporter: &dyn Reporter,
     cancel: &Cancel,
 ) -> Result<Option<MergeSummary>> {
-    let mut record = resolved.record(unpacked.store_layers.clone());
+    let mut record = ImageRecord::new(resolved, unpacked.store_layers.clone());
     // What gc keeps for this image: its database's paths (a rootfs has one too).
     record.store_paths = db::snapshot(&staging.rootfs())
         .map(|snap| snap.paths.iter().map(|p| p.name().to_string()).collect())

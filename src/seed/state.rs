@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::oci::digest::Digest;
 use crate::oci::platform::Platform;
+use crate::oci::resolve::ResolvedImage;
 
 /// The state file's name inside an output directory.
 pub const STATE_FILE: &str = ".hydrafy-state.json";
@@ -62,6 +63,27 @@ pub struct ImageRecord {
     /// When the image was fetched or merged into the directory (Unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recorded_at: Option<u64>,
+}
+
+impl ImageRecord {
+    /// The record of `image`, with the store-only layers unpacking found;
+    /// recorded now, its store paths yet unknown.
+    pub fn new(image: &ResolvedImage, store_layers: Vec<StoreLayer>) -> ImageRecord {
+        ImageRecord {
+            reference: image.name.clone(),
+            index_digest: image.index_digest,
+            manifest_digest: image.manifest_digest,
+            config_digest: image.manifest.config.digest,
+            platform: image.platform.to_string(),
+            layers: image.manifest.layers.len(),
+            store_layers,
+            store_paths: Vec::new(),
+            recorded_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs()),
+        }
+    }
 }
 
 /// A layer (by diff_id) that held nothing but these store paths (`HASH-NAME`).
