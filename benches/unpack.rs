@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use hydrafy::oci::digest::{Digest, HashingReader};
-use hydrafy::oci::manifest::{Compression, Descriptor};
-use hydrafy::ui::progress::Recorder;
-use hydrafy::unpack::apply::{Applier, ApplyOptions};
-use hydrafy::unpack::pipeline::{LayerInput, unpack};
+use hydrafy::oci::{Compression, Descriptor};
+use hydrafy::oci::{Digest, HashingReader};
+use hydrafy::ui::Recorder;
+use hydrafy::unpack::{Applier, ApplyOptions};
+use hydrafy::unpack::{LayerInput, unpack};
 
 /// A Nix-like layer: one store path of `files` files with text-like content.
 fn layer(files: usize) -> (Vec<u8>, Digest) {
@@ -89,7 +89,7 @@ fn scratch() -> PathBuf {
 }
 
 fn fresh(dir: &Path) -> PathBuf {
-    let _ = hydrafy::unpack::fsroot::remove_tree(dir);
+    let _ = hydrafy::unpack::remove_tree(dir);
     std::fs::create_dir_all(dir).unwrap();
     dir.to_path_buf()
 }
@@ -171,7 +171,7 @@ fn bench(c: &mut Criterion) {
         )
     });
     group.finish();
-    let _ = hydrafy::unpack::fsroot::remove_tree(&dir);
+    let _ = hydrafy::unpack::remove_tree(&dir);
 }
 
 criterion_group!(benches, bench);

@@ -19,7 +19,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use hydrafy::unpack::apply::{Applier, ApplyOptions};
+use hydrafy::unpack::{Applier, ApplyOptions};
 use sha2::{Digest as _, Sha256};
 
 use crate::support::image::{Tar, sha256};
@@ -291,7 +291,7 @@ fn hydrafy_unpack(work: &Path, layers: &[Vec<u8>]) -> Result<PathBuf, String> {
     for tar in layers {
         applier
             .apply_layer(&sha256(tar), tar.as_slice())
-            .map_err(|e| hydrafy::error::report(&e))?;
+            .map_err(|e| hydrafy::report(&e))?;
     }
     applier.finish().map_err(|e| e.to_string())?;
     Ok(root)
@@ -395,8 +395,8 @@ fn compare(layers: &[Vec<u8>]) -> Vec<String> {
         Err(e) => return vec![format!("hydrafy failed: {e}")],
     };
     let diff = diff_trees(&ours, &theirs);
-    let _ = hydrafy::unpack::fsroot::remove_tree(&ours);
-    let _ = hydrafy::unpack::fsroot::remove_tree(&work.path().join("bundle"));
+    let _ = hydrafy::unpack::remove_tree(&ours);
+    let _ = hydrafy::unpack::remove_tree(&work.path().join("bundle"));
     diff
 }
 

@@ -14,8 +14,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use hydrafy::oci::digest::Digest;
-use hydrafy::seed::state::{ImageRecord, Layout, State};
+use hydrafy::oci::Digest;
+use hydrafy::seed::{ImageRecord, Layout, State};
 use rusqlite::Connection;
 
 use crate::support::nix::{instantiate, nix};

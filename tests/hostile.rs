@@ -34,7 +34,7 @@ mod layer {
     use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
     use std::path::{Path, PathBuf};
 
-    use hydrafy::unpack::apply::{Applier, ApplyOptions};
+    use hydrafy::unpack::{Applier, ApplyOptions};
     use tar::EntryType;
 
     use crate::support::fingerprint;
@@ -160,9 +160,9 @@ mod layer {
                 let label = sha256(tar);
                 let result = applier.apply_layer(&label, tar.as_slice());
                 self.warnings.extend(applier.take_warnings());
-                result.map_err(|e| hydrafy::error::report(&e))?;
+                result.map_err(|e| hydrafy::report(&e))?;
             }
-            applier.finish().map_err(|e| hydrafy::error::report(&e))
+            applier.finish().map_err(|e| hydrafy::report(&e))
         }
 
         /// Nothing outside the root changed (and the host's /etc/passwd gained no link).
@@ -234,7 +234,7 @@ mod layer {
         fn drop(&mut self) {
             // The root may hold 0555 directories an unprivileged user cannot
             // empty without fixing their modes first.
-            let _ = hydrafy::unpack::fsroot::remove_tree(&self.root);
+            let _ = hydrafy::unpack::remove_tree(&self.root);
         }
     }
 
@@ -1470,11 +1470,11 @@ mod layer {
         lab.ok(&[deep]);
         // Only the root's own resolution reaches the bottom (the host's would
         // follow the absolute links out, and the path is too long anyway).
-        let fsroot = hydrafy::unpack::fsroot::FsRoot::open(&lab.root).unwrap();
+        let fsroot = hydrafy::unpack::FsRoot::open(&lab.root).unwrap();
         let bottom = fsroot.open_dir(Path::new(&deepest[1..])).unwrap();
         assert_eq!(
-            hydrafy::unpack::fsroot::stat_at(&bottom, OsStr::new("f")).unwrap(),
-            hydrafy::unpack::fsroot::Node::Other
+            hydrafy::unpack::stat_at(&bottom, OsStr::new("f")).unwrap(),
+            hydrafy::unpack::Node::Other
         );
         drop((bottom, fsroot));
         lab.ok(&[one(|t| {
@@ -1550,10 +1550,10 @@ mod layer {
         enc.write_all(&Tar::new().finish()).unwrap();
         let frame = enc.finish().unwrap();
         let mut out = Vec::new();
-        let result = hydrafy::unpack::decompress::decoder(
+        let result = hydrafy::unpack::decoder(
             "sha256:zstd-layer",
             &frame[..],
-            hydrafy::oci::manifest::Compression::Zstd,
+            hydrafy::oci::Compression::Zstd,
         )
         .map(|mut d| d.read_to_end(&mut out));
         match result {
@@ -1614,7 +1614,7 @@ fn library_cases_pass_as_an_unprivileged_user() {
     );
     let summary = format!("test result: ok. {expected} passed; 0 failed");
     assert!(text.contains(&summary), "expected {summary:?} in:\n{text}");
-    let _ = hydrafy::unpack::fsroot::remove_tree(&tmp);
+    let _ = hydrafy::unpack::remove_tree(&tmp);
 }
 
 // ---- end to end through `hydrafy fetch` -------------------------------

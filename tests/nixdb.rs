@@ -1,4 +1,4 @@
-//! Merging an image's store and database into a seed (`hydrafy::nix::db::Merge`,
+//! Merging an image's store and database into a seed (`hydrafy::nix::Merge`,
 //! the engine of `fetch --merge`), checked with the real `nix-store`.
 
 use std::fs;
@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 
-use hydrafy::nix::db::Merge;
-use hydrafy::ui::progress::Recorder;
+use hydrafy::nix::Merge;
+use hydrafy::ui::Recorder;
 use rustix::fs::FlockOperation;
 
 use crate::support::nix::{add, instantiate, nix_verify, query};

@@ -112,7 +112,7 @@ fn nar_serialisation_is_byte_for_byte_what_nix_store_dump_writes() {
         .unwrap();
     assert!(theirs.status.success(), "{}", stderr(&theirs));
     let mut ours = Vec::new();
-    hydrafy::nix::nar::dump(&path, &mut ours, &AtomicBool::new(false)).unwrap();
+    hydrafy::nix::dump(&path, &mut ours, &AtomicBool::new(false)).unwrap();
     assert!(ours == theirs.stdout, "the NARs differ");
 }
 

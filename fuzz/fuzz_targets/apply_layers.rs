@@ -23,7 +23,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use hydrafy::unpack::apply::{Applier, ApplyOptions};
+use hydrafy::unpack::{Applier, ApplyOptions};
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 
@@ -463,7 +463,7 @@ fuzz_target!(|data: &[u8]| {
     for (i, layer) in layers.iter().enumerate() {
         let label = format!("sha256:fuzz-layer-{i}");
         if let Err(e) = applier.apply_layer(&label, layer.as_slice()) {
-            let line = hydrafy::error::report(&e);
+            let line = hydrafy::report(&e);
             assert!(!line.contains('\n'), "error on two lines: {line}");
             assert!(line.contains(&label), "error without the layer: {line}");
             ok = false;
@@ -496,5 +496,5 @@ fuzz_target!(|data: &[u8]| {
         std::fs::symlink_metadata(&lab.root).unwrap().is_dir(),
         "the root was replaced"
     );
-    hydrafy::unpack::fsroot::remove_tree(&lab.root).expect("remove the root");
+    hydrafy::unpack::remove_tree(&lab.root).expect("remove the root");
 });

@@ -364,7 +364,7 @@ struct StoreSink<'a> {
 }
 
 impl BlobSink for StoreSink<'_> {
-    fn len(&self) -> u64 {
+    fn held(&self) -> u64 {
         self.writer.len()
     }
 

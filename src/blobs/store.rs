@@ -72,11 +72,6 @@ impl BlobStore {
         }
     }
 
-    /// The store's root directory.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Where the blob named `digest` lives (whether or not it is there).
     pub fn path(&self, digest: &Digest) -> PathBuf {
         self.root.join("blobs/sha256").join(digest.hex())
@@ -311,11 +306,6 @@ impl Growing {
         self.epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// True before any byte was written.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn set_len(&self, len: u64) {
         self.len.store(len, std::sync::atomic::Ordering::SeqCst);
     }
@@ -369,11 +359,6 @@ impl BlobWriter {
     /// Bytes held so far (including those found on disk when claimed).
     pub fn len(&self) -> u64 {
         self.hasher.len()
-    }
-
-    /// True when no byte is held.
-    pub fn is_empty(&self) -> bool {
-        self.hasher.is_empty()
     }
 
     /// How many bytes an earlier run had left when this writer was claimed.

@@ -4,7 +4,7 @@
 //! and inspected first, so that a no-op (DIR already holds the pinned image)
 //! costs no network at all and a refusal comes before any download. Then the
 //! manifest chain is fetched and verified (index, platform manifest, config,
-//! see [`crate::oci::resolve`]), and only then do blobs move: downloads run
+//! see [`resolve`]), and only then do blobs move: downloads run
 //! concurrently into the content-addressed cache while the unpack pipeline
 //! applies the layers in order into a staging folder as soon as each is there
 //! ([`crate::blobs::download`]). DIR changes only at the end, after every digest and
@@ -14,24 +14,23 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::blobs::download::unpack_from_registry;
+use crate::blobs::download::{config_blob, unpack_from_registry};
 use crate::blobs::store::BlobStore;
 use crate::error::{Error, Result};
+use crate::oci::manifest::{MAX_CONFIG_BYTES, Manifest};
 use crate::oci::platform::Platform;
 use crate::oci::reference::ImageRef;
+use crate::oci::resolve::{FinishResolve, ResolvedImage, finish_resolve};
 use crate::registry::client::{Registry, RegistryOptions};
 use crate::seed::layers::StoreLayers;
 use crate::seed::output::{Existing, Holding, OutputDir};
 use crate::seed::publish::{
-    SkipPlan, Unpacked, already_holds, check_merge, finish_output, without_skips,
+    SkipPlan, Summary, Unpacked, already_holds, check_merge, finish_output, without_skips,
 };
 use crate::seed::state::Layout;
 use crate::ui::cancel::Cancel;
 use crate::ui::progress::Reporter;
 use crate::unpack::apply::{Applier, ApplyOptions};
-
-use crate::oci::resolve::resolve;
-use crate::seed::publish::Summary;
 
 /// Everything `fetch` needs to know.
 #[derive(Clone, Debug)]
@@ -178,4 +177,57 @@ pub async fn fetch(
         cancel,
         start,
     )
+}
+
+/// Fetch the manifest chain of `image` for `platform` from `registry` (its
+/// config from `cache` when it holds it).
+/// `explicit` says whether the user chose the platform (a single-platform
+/// image for another one is then an error rather than a warning).
+pub async fn resolve(
+    registry: &Registry,
+    cache: Option<&BlobStore>,
+    image: &ImageRef,
+    platform: &Platform,
+    explicit: bool,
+    reporter: &dyn Reporter,
+) -> Result<ResolvedImage> {
+    let name = image.to_string();
+    let top = registry
+        .manifest(&image.manifest_ref(), image.digest.map(|d| (d, None)))
+        .await?;
+    let (index_digest, manifest_digest, manifest, offered) =
+        match Manifest::parse(&name, &top.bytes)? {
+            Manifest::Index(index) => {
+                let entry = index.select(&name, platform)?;
+                let child = registry
+                    .manifest(
+                        &entry.digest.to_string(),
+                        Some((entry.digest, Some(entry.size))),
+                    )
+                    .await?;
+                let Manifest::Image(m) = Manifest::parse(&name, &child.bytes)? else {
+                    return Err(Error::unsupported(
+                        &name,
+                        "an index nested in an index is not supported",
+                    ));
+                };
+                (Some(top.digest), child.digest, m, entry.platform.clone())
+            }
+            Manifest::Image(m) => (None, top.digest, m, None),
+        };
+    let config_bytes = config_blob(registry, cache, &manifest.config, MAX_CONFIG_BYTES).await?;
+    finish_resolve(FinishResolve {
+        name: image
+            .pinned(index_digest.unwrap_or(manifest_digest))
+            .to_string(),
+        top_digest: index_digest.unwrap_or(manifest_digest),
+        index_digest,
+        manifest_digest: Some(manifest_digest),
+        manifest,
+        config_bytes: &config_bytes,
+        offered,
+        platform,
+        explicit,
+        reporter,
+    })
 }

@@ -105,7 +105,11 @@ pub async fn pull(
         });
     }
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
-    let registry = Arc::new(Registry::new(&image, &opts.registry, Arc::clone(&reporter))?);
+    let registry = Arc::new(Registry::new(
+        &image,
+        &opts.registry,
+        Arc::clone(&reporter),
+    )?);
     let cache = opts.cache.as_deref().map(BlobStore::open).transpose()?;
     let name = image.to_string();
 

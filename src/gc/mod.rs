@@ -3,7 +3,7 @@
 //! A seed only grows: jobs add every build, `fetch --merge` every new
 //! image. Nix's own collector cannot help: job containers do not share
 //! `gcroots` or `temproots`, so a collection from one job cannot see what
-//! the others use (issue 12). This one runs on the host, knows what DIR
+//! the others use. This one runs on the host, knows what DIR
 //! was built from, and reads use from the store itself:
 //!
 //! - **kept**: the closure of every image in DIR's state file (unless

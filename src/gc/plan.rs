@@ -66,11 +66,8 @@ pub struct Plan {
     pub unregistered: Vec<usize>,
     /// `.links` entries that are left with no other link once the victims go.
     pub links: Vec<usize>,
-    /// The store's size now and after the plan, as [`Scan::store_bytes`] counts.
+    /// The store's size now, as [`Scan::store_bytes`] counts.
     pub before: u64,
-    pub after: u64,
-    /// How far the store stays above `--max-size` after the plan.
-    pub over_budget: Option<u64>,
 }
 
 /// The latest moment `entry` (registered at `registered`) may have been used.
@@ -132,14 +129,7 @@ pub fn plan(scan: &Scan, policy: &Policy, image_roots: &[usize], gc_roots: &[usi
     let mut victims = Vec::new();
     let mut after = before;
     match policy.max_size {
-        None => {
-            victims = order;
-            after -= victims.iter().map(|&i| scan.size(i)).sum::<u64>();
-            after -= unregistered
-                .iter()
-                .map(|&u| scan.unregistered[u].entry.bytes)
-                .sum::<u64>();
-        }
+        None => victims = order,
         Some(max) => {
             // Lock files cost nothing and are always tidied; entries and
             // paths go only while the store is over budget.
@@ -161,10 +151,6 @@ pub fn plan(scan: &Scan, policy: &Policy, image_roots: &[usize], gc_roots: &[usi
             }
         }
     }
-    let over_budget = policy
-        .max_size
-        .filter(|&max| after > max)
-        .map(|max| after - max);
     let links = orphaned_links(scan, &victims);
     Plan {
         last_used,
@@ -173,8 +159,6 @@ pub fn plan(scan: &Scan, policy: &Policy, image_roots: &[usize], gc_roots: &[usi
         unregistered,
         links,
         before,
-        after,
-        over_budget,
     }
 }
 
@@ -328,7 +312,6 @@ mod tests {
             paths: vec![Entry::default(); times.len()],
             snap,
             unregistered: Vec::new(),
-            other: Vec::new(),
             links: Vec::new(),
             atimes: Atimes::Exact,
             free_bytes: 0,
@@ -341,6 +324,11 @@ mod tests {
             max_size,
             now: 100 * 86_400,
         }
+    }
+
+    /// The store's size once the plan's victims are gone.
+    fn after(s: &Scan, p: &Plan) -> u64 {
+        p.before - p.victims.iter().map(|&i| s.size(i)).sum::<u64>()
     }
 
     #[test]
@@ -361,8 +349,7 @@ mod tests {
         assert_eq!(p.victims, vec![2, 1, 0]);
         let budget = plan(&s, &policy(Some(15)), &[], &[]);
         assert_eq!(budget.victims, vec![2, 1]);
-        assert_eq!(budget.after, 10);
-        assert_eq!(budget.over_budget, None);
+        assert_eq!(after(&s, &budget), 10);
     }
 
     #[test]
@@ -371,7 +358,7 @@ mod tests {
         let p = plan(&s, &policy(Some(5)), &[0], &[]);
         assert!(p.kept[0].image && p.kept[1].image);
         assert_eq!(p.victims, vec![2]);
-        assert_eq!(p.over_budget, Some(15));
+        assert_eq!(after(&s, &p), 20, "15 over the budget of 5");
     }
 
     #[test]

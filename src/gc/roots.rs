@@ -25,7 +25,7 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::nix::db::STORE_DIR;
-use crate::nix::store_path::STORE_PREFIX;
+use crate::nix::store_path::StorePath;
 use crate::oci::digest::Digest;
 use crate::oci::reference::ImageRef;
 use crate::seed::state::{ImageRecord, State};
@@ -33,7 +33,6 @@ use crate::seed::state::{ImageRecord, State};
 /// The store paths (`HASH-NAME`) one recorded image needs directly.
 #[derive(Clone, Debug)]
 pub struct ImageRoots {
-    pub reference: String,
     pub names: Vec<String>,
 }
 
@@ -114,10 +113,7 @@ pub fn images(dir: &Path, state: Option<&State>, drop: &[String]) -> Result<Imag
                 ),
             });
         }
-        kept.push(ImageRoots {
-            reference: record.reference.clone(),
-            names,
-        });
+        kept.push(ImageRoots { names });
     }
     Ok(Images {
         kept,
@@ -241,7 +237,7 @@ fn store_name(store: &Path, link: &Path, target: &Path) -> Option<String> {
         }
     };
     let name = rest.components().next()?.as_os_str().to_str()?;
-    crate::nix::db::is_store_path(&format!("{STORE_PREFIX}{name}")).then(|| name.to_string())
+    StorePath::from_name(name).map(|p| p.name().to_string())
 }
 
 /// `path` with `.` and `..` resolved by name (as the kernel would, were

@@ -25,7 +25,7 @@ use rustix::fs::{AtFlags, FileType, StatVfsMountFlags};
 use crate::error::{Error, Result};
 use crate::nix::db::{self, STORE_DIR, Snapshot};
 use crate::nix::noatime;
-use crate::nix::store_path::STORE_PREFIX;
+use crate::nix::store_path::StorePath;
 
 /// Nix's folder of hard-link targets for deduplicated files (`auto-optimise-store`).
 pub const LINKS_DIR: &str = ".links";
@@ -98,8 +98,6 @@ pub struct Scan {
     /// Per `snap.paths` index.
     pub paths: Vec<Entry>,
     pub unregistered: Vec<Unregistered>,
-    /// Names in `nix/store` that are neither store paths nor Nix's own (left alone).
-    pub other: Vec<String>,
     pub links: Vec<Link>,
     pub atimes: Atimes,
     /// Free bytes on the store's file system (for unprivileged users).
@@ -268,22 +266,20 @@ pub fn scan(
         .enumerate()
         .map(|(i, p)| (p.name().to_string(), Some(i), false))
         .collect();
-    let mut other = Vec::new();
     let mut has_links = false;
     for name in &names {
         if name == LINKS_DIR {
             has_links = true;
         } else if let Some(base) = name.strip_suffix(".lock") {
-            let path = format!("{STORE_PREFIX}{base}");
-            if db::is_store_path(&path) && !on_disk.contains(base) && snap.get(&path).is_none() {
+            if StorePath::from_name(base).is_some()
+                && !on_disk.contains(base)
+                && snap.get_name(base).is_none()
+            {
                 todo.push((name.clone(), None, true));
             }
-        } else if db::is_store_path(&format!("{STORE_PREFIX}{name}")) {
-            if snap.get(&format!("{STORE_PREFIX}{name}")).is_none() {
-                todo.push((name.clone(), None, false));
-            }
-        } else {
-            other.push(name.clone());
+        } else if StorePath::from_name(name).is_some() && snap.get_name(name).is_none() {
+            // Names that are neither store paths nor Nix's own are left alone.
+            todo.push((name.clone(), None, false));
         }
     }
 
@@ -351,7 +347,6 @@ pub fn scan(
         snap,
         paths,
         unregistered,
-        other,
         links,
         atimes,
         free_bytes,

@@ -30,8 +30,8 @@
 //!
 //! ```no_run
 //! # fn main() -> hydrafy::Result<()> {
-//! use hydrafy::nix::db::Merge;
-//! # let reporter = hydrafy::ui::progress::Recorder::default();
+//! use hydrafy::nix::Merge;
+//! # let reporter = hydrafy::ui::Recorder::default();
 //! # let (seed, unpacked) = (std::path::Path::new("nix-backup"), std::path::Path::new("staging/rootfs"));
 //! // `unpacked` holds the new image's nix/store and nix/var/nix/db, on the seed's file system.
 //! let mut merge = Merge::plan(seed, unpacked, &reporter)?; // locks, checks; Err = nothing changed

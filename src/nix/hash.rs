@@ -28,13 +28,8 @@ pub struct NixHash(pub [u8; 32]);
 
 impl NixHash {
     /// `sha256:<nix32>`, as `nix-store -q --hash` prints it.
-    pub fn to_nix32(&self) -> String {
+    pub fn to_nix32(self) -> String {
         format!("sha256:{}", nix32_encode(&self.0))
-    }
-
-    /// `sha256:<hex>`, as the Nix database stores it.
-    pub fn to_base16(&self) -> String {
-        format!("sha256:{}", hex::encode(self.0))
     }
 }
 
@@ -152,7 +147,6 @@ mod tests {
         ] {
             assert_eq!(text.parse::<NixHash>(), Ok(NixHash(bytes)), "{text}");
         }
-        assert_eq!(NixHash(bytes).to_base16(), format!("sha256:{HEX}"));
         assert_eq!(NixHash(bytes).to_string(), format!("sha256:{N32}"));
     }
 

@@ -4,7 +4,7 @@
 //! days, and it learns that from the access times (atimes) of the path's
 //! files and directories. So hydrafy's own reads must not move them: before
 //! this module, one `hydrafy verify` hashed every file and made the whole
-//! store look freshly used (issue 12). Every place hydrafy reads inside a
+//! store look freshly used. Every place hydrafy reads inside a
 //! store (verify's NAR walk, gc's and status's scans) opens files and
 //! directories through here, with `O_NOATIME`.
 //!

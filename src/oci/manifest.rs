@@ -17,7 +17,6 @@ use crate::oci::platform::Platform;
 pub mod media {
     pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
     pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-    pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
     pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
     pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
     pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
@@ -25,9 +24,6 @@ pub mod media {
     pub const DOCKER_SCHEMA1_SIGNED: &str =
         "application/vnd.docker.distribution.manifest.v1+prettyjws";
     pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-    pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
-    pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-    pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 }
 
 /// What hydrafy sends in `Accept` when it asks for a manifest.
@@ -278,6 +274,11 @@ pub fn layer_compression(image: &str, media_type: &str) -> Result<Compression> {
 mod tests {
     use super::*;
 
+    const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+    const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+    const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+    const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+
     const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
     fn desc(mt: &str, platform: Option<&str>) -> String {
@@ -330,8 +331,8 @@ mod tests {
     fn oci_manifest_without_media_type_is_recognised_by_shape() {
         let body = format!(
             "{{\"schemaVersion\":2,\"config\":{},\"layers\":[{}]}}",
-            desc(media::OCI_CONFIG, None),
-            desc(media::OCI_LAYER_GZIP, None)
+            desc(OCI_CONFIG, None),
+            desc(OCI_LAYER_GZIP, None)
         );
         let Manifest::Image(m) = Manifest::parse("img", body.as_bytes()).unwrap() else {
             panic!("not a manifest")
@@ -361,9 +362,9 @@ mod tests {
     fn layer_media_types_map_to_compression() {
         for (mt, c) in [
             (media::DOCKER_LAYER_GZIP, Compression::Gzip),
-            (media::OCI_LAYER_GZIP, Compression::Gzip),
-            (media::OCI_LAYER_ZSTD, Compression::Zstd),
-            (media::OCI_LAYER_TAR, Compression::None),
+            (OCI_LAYER_GZIP, Compression::Gzip),
+            (OCI_LAYER_ZSTD, Compression::Zstd),
+            (OCI_LAYER_TAR, Compression::None),
             (
                 "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
                 Compression::Gzip,

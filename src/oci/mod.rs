@@ -3,11 +3,15 @@
 //! (manifests, indexes, configs), its verified manifest chain, and the image
 //! files (OCI layouts, `docker save` archives) that carry it offline.
 //!
-//! Stands on nothing but [`crate::error`]: every other room speaks these types.
+//! Every other room speaks these types. It stands on `error` and `ui` (for
+//! warnings); the image files hand their layers to [`crate::unpack`]'s pipeline.
 
-pub mod digest;
-pub mod layout;
-pub mod manifest;
-pub mod platform;
-pub mod reference;
-pub mod resolve;
+pub(crate) mod digest;
+pub(crate) mod layout;
+pub(crate) mod manifest;
+pub(crate) mod platform;
+pub(crate) mod reference;
+pub(crate) mod resolve;
+
+pub use digest::{Digest, HashingReader};
+pub use manifest::{Compression, Descriptor};

@@ -3,20 +3,14 @@
 //! A reference pins an index or a manifest. From an index the platform's
 //! manifest is chosen and checked against its descriptor (digest and size),
 //! then the config blob; the layers must match `rootfs.diff_ids` in number
-//! and have media types hydrafy can unpack. [`resolve`] does this against a
-//! registry; [`finish_resolve`] is the part every source shares (`extract`
-//! reads the same JSON from a file).
+//! and have media types hydrafy can unpack. `fetch` reads the chain from a
+//! registry and `extract` from an image file; [`finish_resolve`] is the part
+//! they share.
 
-use crate::blobs::download::config_blob;
-use crate::blobs::store::BlobStore;
 use crate::error::{Error, Result};
 use crate::oci::digest::Digest;
-use crate::oci::manifest::{
-    self, Compression, ImageConfig, ImageManifest, MAX_CONFIG_BYTES, Manifest,
-};
+use crate::oci::manifest::{self, Compression, ImageConfig, ImageManifest};
 use crate::oci::platform::Platform;
-use crate::oci::reference::ImageRef;
-use crate::registry::client::Registry;
 use crate::ui::progress::Reporter;
 
 /// An image whose manifest chain has been fetched (or read) and verified.
@@ -46,59 +40,6 @@ impl ResolvedImage {
             self.manifest.layers.iter().map(|l| l.size).sum::<u64>() as f64 / 1e6
         )
     }
-}
-
-/// Fetch the manifest chain of `image` for `platform` from `registry` (its
-/// config from `cache` when it holds it).
-/// `explicit` says whether the user chose the platform (a single-platform
-/// image for another one is then an error rather than a warning).
-pub async fn resolve(
-    registry: &Registry,
-    cache: Option<&BlobStore>,
-    image: &ImageRef,
-    platform: &Platform,
-    explicit: bool,
-    reporter: &dyn Reporter,
-) -> Result<ResolvedImage> {
-    let name = image.to_string();
-    let top = registry
-        .manifest(&image.manifest_ref(), image.digest.map(|d| (d, None)))
-        .await?;
-    let (index_digest, manifest_digest, manifest, offered) =
-        match Manifest::parse(&name, &top.bytes)? {
-            Manifest::Index(index) => {
-                let entry = index.select(&name, platform)?;
-                let child = registry
-                    .manifest(
-                        &entry.digest.to_string(),
-                        Some((entry.digest, Some(entry.size))),
-                    )
-                    .await?;
-                let Manifest::Image(m) = Manifest::parse(&name, &child.bytes)? else {
-                    return Err(Error::unsupported(
-                        &name,
-                        "an index nested in an index is not supported",
-                    ));
-                };
-                (Some(top.digest), child.digest, m, entry.platform.clone())
-            }
-            Manifest::Image(m) => (None, top.digest, m, None),
-        };
-    let config_bytes = config_blob(registry, cache, &manifest.config, MAX_CONFIG_BYTES).await?;
-    finish_resolve(FinishResolve {
-        name: image
-            .pinned(index_digest.unwrap_or(manifest_digest))
-            .to_string(),
-        top_digest: index_digest.unwrap_or(manifest_digest),
-        index_digest,
-        manifest_digest: Some(manifest_digest),
-        manifest,
-        config_bytes: &config_bytes,
-        offered,
-        platform,
-        explicit,
-        reporter,
-    })
 }
 
 /// The parts of resolution that do not depend on where manifests come from.

@@ -108,7 +108,8 @@ impl FromStr for LowSpeed {
     /// `BYTES/SECONDS`, as [`LOW_SPEED_ENV`] holds it.
     fn from_str(s: &str) -> Result<Self> {
         let bad = |reason: &str| Error::invalid(LOW_SPEED_ENV, s, reason);
-        let expected = "expected BYTES/SECONDS (bytes per second, averaged over seconds), as 1000/30";
+        let expected =
+            "expected BYTES/SECONDS (bytes per second, averaged over seconds), as 1000/30";
         let (bytes, secs) = s.trim().split_once('/').ok_or_else(|| bad(expected))?;
         let bytes_per_sec = bytes.trim().parse().map_err(|_| bad(expected))?;
         let secs: u64 = secs.trim().parse().map_err(|_| bad(expected))?;
@@ -499,7 +500,7 @@ impl Registry {
         Err(self.last_error(last_err))
     }
 
-    /// Download a blob into `sink`, which already holds `sink.len()` bytes
+    /// Download a blob into `sink`, which already holds `sink.held()` bytes
     /// of it (an unfinished download to resume with Range). The blob is
     /// whole when [`BlobSink::finish`] accepts it. A sink whose bytes fail
     /// that check is emptied; if they were inherited (from an earlier
@@ -512,7 +513,7 @@ impl Registry {
         for ep in &self.endpoints {
             let mut started_over = false;
             loop {
-                let inherited = sink.len();
+                let inherited = sink.held();
                 let result = self
                     .download_from(ep, desc, sink, &mut received)
                     .await
@@ -1088,11 +1089,6 @@ impl Registry {
         let text: String = String::from_utf8_lossy(&body).chars().take(300).collect();
         crate::error::sanitize(text.trim())
     }
-
-    /// The endpoints in the order they are tried, for messages.
-    pub fn sources(&self) -> Vec<String> {
-        self.endpoints.iter().map(Endpoint::label).collect()
-    }
 }
 
 /// What a body is asked for from, by [`Registry::fetch_body`].
@@ -1110,8 +1106,8 @@ enum Source<'a> {
 /// Where a body goes as it arrives.
 /// Where a blob's bytes go: the caller owns storing and verifying them.
 pub trait BlobSink: Send {
-    /// The bytes it holds: a download resumes from here.
-    fn len(&self) -> u64;
+    /// How many bytes it holds: a download resumes from there.
+    fn held(&self) -> u64;
     fn write(&mut self, chunk: &[u8]) -> Result<()>;
     /// Forget what arrived: the blob starts over.
     fn restart(&mut self) -> Result<()>;
@@ -1174,7 +1170,7 @@ struct Download<'a> {
 
 impl Sink for Download<'_> {
     fn len(&self) -> u64 {
-        self.sink.len()
+        self.sink.held()
     }
 
     fn write(&mut self, chunk: &[u8]) -> Result<()> {
@@ -1387,6 +1383,11 @@ fn http_error(target: &str, action: &str, e: reqwest::Error) -> Error {
 mod tests {
     use super::*;
 
+    /// The endpoints in the order they are tried.
+    fn sources(reg: &Registry) -> Vec<String> {
+        reg.endpoints.iter().map(Endpoint::label).collect()
+    }
+
     #[test]
     fn retry_after_reads_seconds_and_http_dates() {
         let with = |v: &str| {
@@ -1448,7 +1449,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            reg.sources(),
+            sources(&reg),
             [
                 "mirror https://m1.example",
                 "mirror http://m2.example:5000",
@@ -1463,7 +1464,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            reg.sources(),
+            sources(&reg),
             ["mirror https://ghcr-mirror.example", "ghcr.io"]
         );
     }

@@ -1,7 +1,9 @@
 //! The output directory (DIR): what it holds (the state file), staging beside
 //! it, and publishing a result into it, by one rename or by a merge.
 
-pub mod layers;
-pub mod output;
-pub mod publish;
-pub mod state;
+pub(crate) mod layers;
+pub(crate) mod output;
+pub(crate) mod publish;
+pub(crate) mod state;
+
+pub use state::{ImageRecord, Layout, State};

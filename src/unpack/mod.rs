@@ -5,7 +5,12 @@
 //! Knows tar, compression and the root it writes into; not registries, and
 //! not Nix: what to skip comes in as a filter from the caller.
 
-pub mod apply;
-pub mod decompress;
-pub mod fsroot;
-pub mod pipeline;
+pub(crate) mod apply;
+pub(crate) mod decompress;
+pub(crate) mod fsroot;
+pub(crate) mod pipeline;
+
+pub use apply::{Applier, ApplyOptions};
+pub use decompress::decoder;
+pub use fsroot::{FsRoot, Node, remove_tree, stat_at};
+pub use pipeline::{LayerInput, unpack};

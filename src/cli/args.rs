@@ -1,7 +1,7 @@
 //! Command-line options, and their conversion into the core's plain option
-//! structs. The core never sees clap: options are parsed here in two stages,
-//! raw arguments first, then validated objects (platforms, mirrors), so that
-//! a bad value is an exit-2 usage error before any work starts.
+//! structs. Options are parsed in two stages, raw arguments first, then
+//! validated objects (platforms, mirrors), so that a bad value is an exit-2
+//! usage error before any work starts.
 
 use std::path::PathBuf;
 use std::time::Duration;
