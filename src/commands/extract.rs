@@ -17,9 +17,7 @@ use crate::oci::resolve::ResolvedImage;
 use crate::seed::layers::StoreLayers;
 use crate::seed::output::{Existing, OutputDir, Staging};
 use crate::seed::publish::Summary;
-use crate::seed::publish::{
-    SkipPlan, Unpacked, already_holds, check_merge, finish_output, without_skips,
-};
+use crate::seed::publish::{SkipPlan, Unpacked, already_holds, finish_output, without_skips};
 use crate::seed::state::Layout;
 use crate::ui::cancel::Cancel;
 use crate::ui::progress::Reporter;
@@ -46,25 +44,17 @@ pub async fn extract(
     let start = Instant::now();
     let layout = Layout::of(opts.rootfs);
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
-    check_merge(opts.existing, layout)?;
     let archive = Archive::open(&opts.source)?;
     let resolved = archive.resolve(&platform, opts.platform.is_some(), &*reporter)?;
-    let out = OutputDir::open(&opts.output, &*reporter)?;
-    if let Some(summary) = already_holds(
-        &out,
-        opts.existing,
-        layout,
-        &resolved.top_digest,
-        &platform,
-        start,
-    )? {
+    let out = OutputDir::open(&opts.output, opts.existing, layout, &*reporter)?;
+    if let Some(summary) = already_holds(&out, &resolved.top_digest, &platform, start)? {
         return Ok(summary);
     }
-    out.check_overwrite(opts.existing, &resolved.name)?;
+    out.check_overwrite(&resolved.name)?;
     reporter.info(&resolved.describe());
 
     let staging = out.stage()?;
-    let plan = SkipPlan::new(&out, opts.existing, &resolved)?;
+    let plan = SkipPlan::new(&out, &resolved)?;
     let apply = ApplyOptions::for_current_user(opts.rootfs);
     let mut attempt = plan.clone();
     let unpacked = loop {
@@ -83,7 +73,6 @@ pub async fn extract(
     finish_output(
         &out,
         staging,
-        layout,
         &resolved,
         &unpacked,
         plan.merging,

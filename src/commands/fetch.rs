@@ -23,9 +23,9 @@ use crate::oci::reference::ImageRef;
 use crate::oci::resolve::{FinishResolve, ResolvedImage, finish_resolve};
 use crate::registry::client::{Registry, RegistryOptions};
 use crate::seed::layers::StoreLayers;
-use crate::seed::output::{Existing, Holding, OutputDir};
+use crate::seed::output::{Existing, OutputDir};
 use crate::seed::publish::{
-    SkipPlan, Summary, Unpacked, already_holds, check_merge, finish_output, without_skips,
+    SkipPlan, Summary, Unpacked, already_holds, finish_output, without_skips,
 };
 use crate::seed::state::Layout;
 use crate::ui::cancel::Cancel;
@@ -58,11 +58,9 @@ pub async fn fetch(
     let image = ImageRef::parse(&opts.image)?;
     let layout = Layout::of(opts.rootfs);
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
-    check_merge(opts.existing, layout)?;
-    let out = OutputDir::open(&opts.output, &*reporter)?;
+    let out = OutputDir::open(&opts.output, opts.existing, layout, &*reporter)?;
     if let Some(digest) = image.digest
-        && let Some(summary) =
-            already_holds(&out, opts.existing, layout, &digest, &platform, start)?
+        && let Some(summary) = already_holds(&out, &digest, &platform, start)?
     {
         return Ok(summary);
     }
@@ -70,15 +68,14 @@ pub async fn fetch(
     let cache = opts.cache.as_deref().map(BlobStore::open).transpose()?;
     // A tag alone, and DIR holds an image: one HEAD says whether it is this
     // one, without a manifest GET (the request Docker Hub's rate limit counts).
-    if image.digest.is_none() && matches!(out.holding(), Holding::State(_)) {
+    if image.digest.is_none() && out.has_state() {
         let tag = image.manifest_ref();
         let head = tokio::select! {
             r = registry.head_digest(&tag) => r?,
             () = cancel.cancelled() => return Err(Error::Interrupted),
         };
         if let Some(digest) = head
-            && let Some(summary) =
-                already_holds(&out, opts.existing, layout, &digest, &platform, start)?
+            && let Some(summary) = already_holds(&out, &digest, &platform, start)?
         {
             reporter.warn(&format!(
                 "{image} is not pinned; it points at {digest}; pin it as {} so every runner gets the same store",
@@ -87,7 +84,7 @@ pub async fn fetch(
             return Ok(summary);
         }
     }
-    out.check_overwrite(opts.existing, &image.to_string())?;
+    out.check_overwrite(&image.to_string())?;
 
     let resolved = tokio::select! {
         r = resolve(&registry, cache.as_ref(), &image, &platform, opts.platform.is_some(), &*reporter) => r?,
@@ -99,14 +96,7 @@ pub async fn fetch(
             resolved.top_digest,
             image.pinned(resolved.top_digest)
         ));
-        if let Some(summary) = already_holds(
-            &out,
-            opts.existing,
-            layout,
-            &resolved.top_digest,
-            &platform,
-            start,
-        )? {
+        if let Some(summary) = already_holds(&out, &resolved.top_digest, &platform, start)? {
             return Ok(summary);
         }
     }
@@ -117,7 +107,7 @@ pub async fn fetch(
         Some(cache) => cache,
         None => BlobStore::open(&staging.path().join("blobs"))?,
     };
-    let plan = SkipPlan::new(&out, opts.existing, &resolved)?;
+    let plan = SkipPlan::new(&out, &resolved)?;
     let registry = Arc::new(registry);
     let apply = ApplyOptions::for_current_user(opts.rootfs);
     let unpack_into = |plan: SkipPlan, follow: bool| {
@@ -169,7 +159,6 @@ pub async fn fetch(
     finish_output(
         &out,
         staging,
-        layout,
         &resolved,
         &unpacked,
         plan.merging,

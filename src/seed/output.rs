@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{FlockOperation, RenameFlags};
 
 use crate::error::{Error, Result};
-use crate::seed::state::{Layout, STATE_FILE, State};
+use crate::oci::digest::Digest;
+use crate::oci::platform::Platform;
+use crate::seed::state::{ImageRecord, Layout, STATE_FILE, State};
 use crate::ui::progress::Reporter;
 use crate::unpack::fsroot;
 
@@ -43,12 +45,15 @@ pub enum Holding {
     Foreign,
 }
 
-/// A locked output directory.
+/// A locked output directory, and what this run was asked to do with it:
+/// the one owner of "what does DIR hold, and may this run change it".
 pub struct OutputDir {
     dir: PathBuf,
     parent: PathBuf,
     name: OsString,
     holding: Holding,
+    existing: Existing,
+    layout: Layout,
     _lock: File,
 }
 
@@ -87,8 +92,22 @@ impl Drop for Staging {
 }
 
 impl OutputDir {
-    /// Lock DIR's parent, clear stale staging folders and read what DIR holds.
-    pub fn open(dir: &Path, reporter: &dyn Reporter) -> Result<OutputDir> {
+    /// Lock DIR's parent, clear stale staging folders and read what DIR
+    /// holds, for a run that writes `layout` and treats another image in DIR
+    /// as `existing` says.
+    pub fn open(
+        dir: &Path,
+        existing: Existing,
+        layout: Layout,
+        reporter: &dyn Reporter,
+    ) -> Result<OutputDir> {
+        if existing == Existing::Merge && layout == Layout::Rootfs {
+            return Err(Error::invalid(
+                "option",
+                "--merge",
+                "--merge adds store paths to a Nix seed; it cannot be combined with --rootfs",
+            ));
+        }
         let name = dir
             .file_name()
             .filter(|n| *n != "." && *n != "..")
@@ -123,6 +142,8 @@ impl OutputDir {
             parent,
             name,
             holding: Holding::Nothing,
+            existing,
+            layout,
             _lock: lock,
         };
         out.remove_stale_staging(reporter)?;
@@ -198,9 +219,57 @@ impl OutputDir {
         &self.dir
     }
 
-    /// Check that a run for `what` may go on under `existing`; a clear error otherwise.
-    pub fn check_overwrite(&self, existing: Existing, what: &str) -> Result<()> {
-        let held = match (&self.holding, existing) {
+    /// How this run treats another image in DIR.
+    pub fn existing(&self) -> Existing {
+        self.existing
+    }
+
+    /// What this run writes into DIR.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Was DIR written by hydrafy (it has a state file)?
+    pub fn has_state(&self) -> bool {
+        matches!(self.holding, Holding::State(_))
+    }
+
+    /// The no-op check: does DIR already hold the image `digest` pins, as
+    /// this run asks? Holding it among others is enough, except for
+    /// `--replace`, which promises DIR becomes exactly the image: that is a
+    /// no-op only when DIR holds the image and nothing else
+    /// ([`State::find_exact`]). A state file that claims the image over an
+    /// incomplete tree is an error, unless the run replaces it anyway.
+    pub fn holds(&self, digest: &Digest, platform: &Platform) -> Result<Option<&ImageRecord>> {
+        let Holding::State(state) = &self.holding else {
+            return Ok(None);
+        };
+        let held = match self.existing {
+            Existing::Replace => state.find_exact(self.layout, digest, platform),
+            Existing::Refuse | Existing::Merge => state.find(self.layout, digest, platform),
+        };
+        let Some(record) = held else {
+            return Ok(None);
+        };
+        if !looks_complete(&self.dir, self.layout) {
+            if self.existing == Existing::Replace {
+                // What --replace is for: the run rebuilds it.
+                return Ok(None);
+            }
+            return Err(Error::Output {
+                dir: self.dir.clone(),
+                reason: format!(
+                    "its state file says it holds {} but the tree is incomplete; use --replace to rebuild it",
+                    record.reference
+                ),
+            });
+        }
+        Ok(Some(record))
+    }
+
+    /// Check that a run for `what` may go on; a clear error otherwise.
+    pub fn check_overwrite(&self, what: &str) -> Result<()> {
+        let held = match (&self.holding, self.existing) {
             (Holding::Nothing, _) | (_, Existing::Replace) => return Ok(()),
             (Holding::State(s), Existing::Refuse) => s.describe(),
             (Holding::Foreign, Existing::Refuse) => "files hydrafy did not write".to_string(),

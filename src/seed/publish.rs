@@ -159,9 +159,9 @@ impl SkipPlan {
         !self.paths.is_empty() || self.layers.contains(&true)
     }
 
-    /// The plan for unpacking `resolved` into `out` under `existing`.
-    pub fn new(out: &OutputDir, existing: Existing, resolved: &ResolvedImage) -> Result<SkipPlan> {
-        if existing != Existing::Merge {
+    /// The plan for unpacking `resolved` into `out`.
+    pub fn new(out: &OutputDir, resolved: &ResolvedImage) -> Result<SkipPlan> {
+        if out.existing() != Existing::Merge {
             return Ok(SkipPlan::none(resolved));
         }
         let known = match out.holding() {
@@ -244,7 +244,6 @@ pub fn without_skips(resolved: &ResolvedImage, reporter: &dyn Reporter) -> SkipP
 pub fn finish_output(
     out: &OutputDir,
     staging: Staging,
-    layout: Layout,
     resolved: &ResolvedImage,
     unpacked: &Unpacked,
     merging: bool,
@@ -253,14 +252,12 @@ pub fn finish_output(
     start: Instant,
 ) -> Result<Summary> {
     let first = matches!(out.holding(), Holding::Nothing);
-    let merged = merge_or_publish(
-        out, staging, layout, resolved, unpacked, merging, reporter, cancel,
-    )?;
+    let merged = merge_or_publish(out, staging, resolved, unpacked, merging, reporter, cancel)?;
     reporter.finish();
     let mut summary = summary_of(resolved, out, &unpacked.stats, unpacked.downloaded, start);
     summary.merge = merged;
     summary.first = first;
-    summary.store_paths = match layout {
+    summary.store_paths = match out.layout() {
         Layout::Nix => Some(output::store_path_count(out.dir())),
         Layout::Rootfs => None,
     };
@@ -274,7 +271,6 @@ pub fn finish_output(
 fn merge_or_publish(
     out: &OutputDir,
     staging: Staging,
-    layout: Layout,
     resolved: &ResolvedImage,
     unpacked: &Unpacked,
     merging: bool,
@@ -287,13 +283,13 @@ fn merge_or_publish(
         .map(|snap| snap.paths.iter().map(|p| p.name().to_string()).collect())
         .unwrap_or_default();
     if !merging {
-        publish_unpacked(out, staging, layout, resolved, record, cancel)?;
+        publish_unpacked(out, staging, resolved, record, cancel)?;
         return Ok(None);
     }
     if cancel.is_cancelled() {
         return Err(Error::Interrupted);
     }
-    if !matches!(out.holding(), Holding::State(_)) {
+    if !out.has_state() {
         reporter.info(&format!(
             "{} was not written by hydrafy; merging into its Nix store and database, keeping all of both",
             out.dir().display()
@@ -325,23 +321,11 @@ fn merge_or_publish(
 }
 
 /// `--merge` adds store paths to a seed: it has no meaning for `--rootfs`.
-pub fn check_merge(existing: Existing, layout: Layout) -> Result<()> {
-    if existing == Existing::Merge && layout == Layout::Rootfs {
-        return Err(Error::invalid(
-            "option",
-            "--merge",
-            "--merge adds store paths to a Nix seed; it cannot be combined with --rootfs",
-        ));
-    }
-    Ok(())
-}
-
 /// Turn an unpacked staging root into DIR: the runner seed (or the whole
 /// root with `--rootfs`), the state file, one rename.
 pub fn publish_unpacked(
     out: &OutputDir,
     staging: Staging,
-    layout: Layout,
     resolved: &ResolvedImage,
     record: ImageRecord,
     cancel: &Cancel,
@@ -349,6 +333,7 @@ pub fn publish_unpacked(
     if cancel.is_cancelled() {
         return Err(Error::Interrupted);
     }
+    let layout = out.layout();
     let tree = match layout {
         Layout::Nix => {
             let seed = staging.path().join("out");
@@ -388,41 +373,17 @@ fn summary_of(
     }
 }
 
-/// The no-op check: does DIR already hold the image `digest` pins, as
-/// `existing` asks? Holding it among others is enough, except for
-/// `--replace`, which promises DIR becomes exactly the image: that is a no-op
-/// only when DIR holds the image and nothing else ([`State::find_exact`]).
+/// The summary of a run that found DIR already holding the image `digest`
+/// pins (see [`OutputDir::holds`]), or `None`.
 pub fn already_holds(
     out: &OutputDir,
-    existing: Existing,
-    layout: Layout,
     digest: &Digest,
     platform: &Platform,
     start: Instant,
 ) -> Result<Option<Summary>> {
-    let Holding::State(state) = out.holding() else {
+    let Some(record) = out.holds(digest, platform)? else {
         return Ok(None);
     };
-    let held = match existing {
-        Existing::Replace => state.find_exact(layout, digest, platform),
-        Existing::Refuse | Existing::Merge => state.find(layout, digest, platform),
-    };
-    let Some(record) = held else {
-        return Ok(None);
-    };
-    if !output::looks_complete(out.dir(), layout) {
-        if existing == Existing::Replace {
-            // What --replace is for: the run rebuilds it.
-            return Ok(None);
-        }
-        return Err(Error::Output {
-            dir: out.dir().to_path_buf(),
-            reason: format!(
-                "its state file says it holds {} but the tree is incomplete; use --replace to rebuild it",
-                record.reference
-            ),
-        });
-    }
     Ok(Some(Summary {
         image: record.reference.clone(),
         digest: *digest,
