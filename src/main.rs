@@ -62,6 +62,16 @@ async fn run(cli: Cli, cancel: Cancel) -> Exit {
             };
             finish_reported(result, &progress, args.report.json, PullSummary::line)
         }
+        Command::Extract(args) if args.list => {
+            let result = match args.options() {
+                Ok(opts) => hydrafy::commands::extract::list(&opts.source, &cancel).await,
+                Err(e) => Err(e),
+            };
+            if let (Ok(listing), false) = (&result, args.report.json) {
+                print_stdout(&listing.render());
+            }
+            finish(result, args.report.json)
+        }
         Command::Extract(args) => {
             let progress = reporter(&args.report);
             let result = match args.options() {

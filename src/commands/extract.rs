@@ -3,17 +3,20 @@
 //! The same verification and output rules as `fetch` (every manifest,
 //! config, blob and diff_id checked; staging; one atomic publish), with the
 //! manifests and blobs read from an OCI layout, an oci-archive or a
-//! `docker save` archive instead of a registry. No network client is ever
-//! created on this path.
+//! `docker save` archive (any of them compressed) instead of a registry. No
+//! network client is ever created on this path. `--list` shows what a file
+//! holds, and the SOURCE that picks each image.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::oci::layout::Archive;
+use crate::oci::layout::{Archive, Listing};
 use crate::oci::platform::Platform;
 use crate::oci::resolve::ResolvedImage;
+use crate::oci::source::{SourceName, shell_word};
 use crate::seed::layers::StoreLayers;
 use crate::seed::output::{Existing, OutputDir, Staging};
 use crate::seed::publish::Summary;
@@ -29,8 +32,9 @@ use crate::unpack::pipeline;
 /// Everything `extract` needs to know.
 #[derive(Clone, Debug)]
 pub struct ExtractOptions {
-    /// An OCI layout directory, an oci-archive tar, or a `docker save` tar.
-    pub source: PathBuf,
+    /// An OCI layout directory, an oci-archive tar, or a `docker save` tar,
+    /// and which image of it.
+    pub source: SourceName,
     pub output: PathBuf,
     pub platform: Option<Platform>,
     pub rootfs: bool,
@@ -47,9 +51,14 @@ pub async fn extract(
     let layout = Layout::of(opts.rootfs);
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
     check_merge(opts.existing, layout)?;
-    let archive = Archive::open(&opts.source)?;
-    let resolved = archive.resolve(&platform, opts.platform.is_some(), &*reporter)?;
     let out = OutputDir::open(&opts.output, &*reporter)?;
+    // A compressed file is decompressed beside the output, where its room is.
+    let archive = open_archive(&opts.source, out.parent(), cancel.flag())
+        .await
+        .map_err(|e| with_output(e, opts))?;
+    let resolved = archive
+        .resolve(&platform, opts.platform.is_some(), &*reporter)
+        .map_err(|e| with_output(e, opts))?;
     if let Some(summary) = already_holds(
         &out,
         opts.existing,
@@ -132,4 +141,47 @@ async fn unpack_archive(
         store_layers: plan.store_layers(resolved, log),
         downloaded: 0,
     })
+}
+
+/// `hydrafy extract SOURCE --list`: what the file holds.
+pub async fn list(source: &SourceName, cancel: &Cancel) -> Result<Listing> {
+    let archive = open_archive(source, &std::env::temp_dir(), cancel.flag()).await?;
+    archive.list()
+}
+
+/// Open the image file off the async threads: decompressing takes a while.
+async fn open_archive(
+    source: &SourceName,
+    scratch: &Path,
+    cancel: Arc<AtomicBool>,
+) -> Result<Archive> {
+    let (source, scratch) = (source.clone(), scratch.to_path_buf());
+    tokio::task::spawn_blocking(move || Archive::open(&source, &scratch, &cancel))
+        .await
+        .expect("archive thread panicked")
+}
+
+/// Complete the command a "several images" error suggests with this run's options.
+fn with_output(err: Error, opts: &ExtractOptions) -> Error {
+    match err {
+        Error::SeveralImages {
+            file,
+            images,
+            command,
+        } => {
+            let mut command = format!(
+                "{command} -o {}",
+                shell_word(&opts.output.display().to_string())
+            );
+            if opts.rootfs {
+                command.push_str(" --rootfs");
+            }
+            Error::SeveralImages {
+                file,
+                images,
+                command,
+            }
+        }
+        other => other,
+    }
 }

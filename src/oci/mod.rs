@@ -11,3 +11,4 @@ pub mod manifest;
 pub mod platform;
 pub mod reference;
 pub mod resolve;
+pub mod source;
