@@ -269,6 +269,9 @@ fn decompress(
         }
     }
     drop(out);
+    let mut tmp = tmp;
+    tmp.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io(scratch, "cannot seek in the decompressed image file", e))?;
     Ok(tmp)
 }
 
