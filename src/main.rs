@@ -63,10 +63,14 @@ async fn run(cli: Cli, cancel: Cancel) -> Exit {
             finish_reported(result, &progress, args.report.json, PullSummary::line)
         }
         Command::Extract(args) if args.list => {
+            let progress = reporter(&args.report);
             let result = match args.options() {
-                Ok(opts) => hydrafy::commands::extract::list(&opts.source, &cancel).await,
+                Ok(opts) => {
+                    hydrafy::commands::extract::list(&opts.source, progress.clone(), &cancel).await
+                }
                 Err(e) => Err(e),
             };
+            progress.finish();
             if let (Ok(listing), false) = (&result, args.report.json) {
                 print_stdout(&listing.render());
             }

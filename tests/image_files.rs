@@ -13,7 +13,8 @@ use std::process::{Command, Output};
 use crate::support::image::{Comp, Image, Media, Pushed, Tar, layer, push, push_index, sha256};
 use crate::support::registry::Registry;
 use crate::support::{
-    TestEnv, assert_fails, assert_ok, fingerprint, json, listing, nix, require_tool, stderr, stdout,
+    TestEnv, assert_fails, assert_ok, catches, fingerprint, json, listing, nix, require_tool,
+    stderr, stdout, wait_until,
 };
 
 fn run(cmd: &mut Command, what: &str) -> Output {
@@ -462,6 +463,22 @@ fn the_releases_nixos_org_docker_tarball_extracts_gzip_zstd_or_xz_whatever_its_n
         );
     }
 
+    // Straight from a pipe (`curl ... | hydrafy extract /dev/stdin`).
+    let mut child = env
+        .hydrafy()
+        .args(["extract", "/dev/stdin", "-o", "from-pipe", "-q"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    let gz = std::fs::read(env.join(name)).unwrap();
+    let feeder = std::thread::spawn(move || pipe.write_all(&gz));
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap().unwrap();
+    assert_ok(&out);
+    assert_eq!(tree(&env.join("from-pipe/nix/store")), want);
+
     // A truncated download: one line, DIR as it was, nothing left beside it.
     let bytes = std::fs::read(env.join(name)).unwrap();
     std::fs::write(env.join("cut.tar.gz"), &bytes[..bytes.len() / 2]).unwrap();
@@ -849,4 +866,84 @@ fn extract_reads_a_one_platform_pull_of_a_two_platform_index() {
         );
         assert_eq!(arch(&ours), platform.trim_start_matches("linux/"));
     }
+}
+
+#[test]
+fn ctrl_c_while_a_compressed_file_is_decompressed_leaves_nothing_behind() {
+    let env = TestEnv::new();
+    // A gzip'd tar big enough that one write holds only its start.
+    let mut t = Tar::new();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<u8> = (0..4_000_000)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    t.file("noise", &noise, 0o644);
+    let gz = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&t.finish()).unwrap();
+        e.finish().unwrap()
+    };
+    let fifo = env.join("image.tar.gz");
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .unwrap();
+    let mut child = env
+        .hydrafy()
+        .args(["extract", "image.tar.gz", "-o", "out"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut err = child.stderr.take().unwrap();
+    let seen = std::sync::Arc::clone(&lines);
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut err, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let mut writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    writer.write_all(&gz[..64 * 1024]).unwrap();
+    wait_until("hydrafy to start decompressing", || {
+        lines.lock().unwrap().contains("decompressing")
+    });
+    let signal = rustix::process::Signal::INT;
+    wait_until("hydrafy to catch SIGINT", || catches(child.id(), signal));
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, signal).unwrap();
+    wait_until("hydrafy to take the signal", || {
+        lines.lock().unwrap().contains("interrupted")
+    });
+    // Its read of the pipe returns; a later one sees the interruption. Fed
+    // to the end, an uncancelled run would fail on a tar that is no image.
+    let rest = gz[64 * 1024..].to_vec();
+    let feeder = std::thread::spawn(move || {
+        for chunk in rest.chunks(16 * 1024) {
+            if writer.write_all(chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let status = child.wait().unwrap();
+    feeder.join().unwrap();
+    reader.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{}", lines.lock().unwrap());
+    assert_eq!(
+        listing(env.path()),
+        ["cache", "docker", "home", "image.tar.gz"],
+        "the output or a temporary file was left"
+    );
 }

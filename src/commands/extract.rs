@@ -53,7 +53,7 @@ pub async fn extract(
     check_merge(opts.existing, layout)?;
     let out = OutputDir::open(&opts.output, &*reporter)?;
     // A compressed file is decompressed beside the output, where its room is.
-    let archive = open_archive(&opts.source, out.parent(), cancel.flag())
+    let archive = open_archive(&opts.source, out.parent(), cancel.flag(), &reporter)
         .await
         .map_err(|e| with_output(e, opts))?;
     let resolved = archive
@@ -144,8 +144,12 @@ async fn unpack_archive(
 }
 
 /// `hydrafy extract SOURCE --list`: what the file holds.
-pub async fn list(source: &SourceName, cancel: &Cancel) -> Result<Listing> {
-    let archive = open_archive(source, &std::env::temp_dir(), cancel.flag()).await?;
+pub async fn list(
+    source: &SourceName,
+    reporter: Arc<dyn Reporter>,
+    cancel: &Cancel,
+) -> Result<Listing> {
+    let archive = open_archive(source, &std::env::temp_dir(), cancel.flag(), &reporter).await?;
     archive.list()
 }
 
@@ -154,9 +158,11 @@ async fn open_archive(
     source: &SourceName,
     scratch: &Path,
     cancel: Arc<AtomicBool>,
+    reporter: &Arc<dyn Reporter>,
 ) -> Result<Archive> {
     let (source, scratch) = (source.clone(), scratch.to_path_buf());
-    tokio::task::spawn_blocking(move || Archive::open(&source, &scratch, &cancel))
+    let reporter = Arc::clone(reporter);
+    tokio::task::spawn_blocking(move || Archive::open(&source, &scratch, &cancel, &*reporter))
         .await
         .expect("archive thread panicked")
 }

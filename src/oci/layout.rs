@@ -8,13 +8,8 @@
 //! unpack pipeline, which hashes them on the way. Nothing is extracted to a
 //! temporary directory and nothing is held in memory whole.
 //!
-//! A compressed image file (`docker save | gzip`, the `.tar.gz` docker images
-//! releases.nixos.org publishes, `.tar.zst`, `.tar.xz`), recognised by its
-//! first bytes whatever its name, is decompressed once, as a stream, into an
-//! unnamed temporary file beside the output (it is unlinked as soon as it is
-//! created, so nothing is left behind whatever ends the run): the layers of
-//! an image file are read in manifest order, not in the order the tar holds
-//! them, and a compressed stream cannot seek.
+//! A compressed image file is decompressed once into an unnamed temporary
+//! file first ([`crate::oci::compressed`] says why), and read from there.
 //!
 //! A file may hold several images: an OCI layout several `skopeo copy ...
 //! oci:DIR:TAG` runs filled, a `docker save` of two images. SOURCE picks one
@@ -33,15 +28,16 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::oci::compressed::{Packing, decompress, read_head};
 use crate::oci::digest::{Digest, Hasher};
 use crate::oci::manifest::{
     self, Descriptor, ImageManifest, Index, MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, Manifest,
@@ -67,62 +63,6 @@ const HELM_CONFIG: &str = "application/vnd.cncf.helm.config.v1+json";
 enum Entry {
     File { offset: u64, size: u64 },
     Link(String),
-}
-
-/// How an image file (or a layer in a `docker save` archive) is
-/// compressed, told by its first bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Packing {
-    Gzip,
-    Zstd,
-    Xz,
-    Bzip2,
-}
-
-impl Packing {
-    /// How many first bytes [`Packing::sniff`] looks at.
-    const HEAD: usize = 10;
-
-    fn sniff(head: &[u8]) -> Option<Packing> {
-        if head.starts_with(&[0x1f, 0x8b]) {
-            Some(Packing::Gzip)
-        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-            Some(Packing::Zstd)
-        } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-            Some(Packing::Xz)
-        } else if head.len() >= 10
-            && head.starts_with(b"BZh")
-            && (b'1'..=b'9').contains(&head[3])
-            && head[4..10] == [0x31, 0x41, 0x59, 0x26, 0x53, 0x59]
-        {
-            Some(Packing::Bzip2)
-        } else {
-            None
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Packing::Gzip => "gzip",
-            Packing::Zstd => "zstd",
-            Packing::Xz => "xz",
-            Packing::Bzip2 => "bzip2",
-        }
-    }
-}
-
-/// Read up to `buf.len()` bytes; fewer only at the end of the stream.
-fn read_head(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// The files of an image archive: a directory, or a tar indexed by name.
@@ -162,123 +102,15 @@ impl Read for Slice {
     }
 }
 
-/// A reader that fails once `cancel` is set (Ctrl-C while decompressing).
-struct CancelRead<'a, R> {
-    inner: R,
-    cancel: &'a AtomicBool,
-}
-
-impl<R: Read> Read for CancelRead<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.cancel.load(Ordering::Relaxed) {
-            return Err(io::Error::other("interrupted"));
-        }
-        self.inner.read(buf)
-    }
-}
-
-/// A writer that remembers whether writing failed, to tell a full disk
-/// from a corrupt compressed stream.
-struct NoteWrite<W> {
-    inner: W,
-    failed: bool,
-}
-
-impl<W: Write> Write for NoteWrite<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let r = self.inner.write(buf);
-        self.failed |= r.is_err();
-        r
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        let r = self.inner.flush();
-        self.failed |= r.is_err();
-        r
-    }
-}
-
-/// Decompress `file` (compressed with `packing`) into an unnamed temporary
-/// file in `scratch`, as a stream.
-fn decompress(
-    path: &Path,
-    file: File,
-    packing: Packing,
-    scratch: &Path,
-    cancel: &AtomicBool,
-) -> Result<File> {
-    let tmp_path = scratch.join(format!(
-        ".hydrafy-decompressed-{}-{:08x}.tar",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    let tmp = File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&tmp_path)
-        .map_err(|e| Error::io(&tmp_path, "cannot create a temporary file", e))?;
-    // Unnamed from the start: nothing is left behind, whatever ends the run.
-    fs::remove_file(&tmp_path)
-        .map_err(|e| Error::io(&tmp_path, "cannot remove a temporary file", e))?;
-    let mut input = BufReader::with_capacity(
-        1 << 20,
-        CancelRead {
-            inner: file,
-            cancel,
-        },
-    );
-    let mut out = NoteWrite {
-        inner: BufWriter::with_capacity(1 << 20, &tmp),
-        failed: false,
-    };
-    let copied = match packing {
-        Packing::Gzip => io::copy(&mut flate2::bufread::MultiGzDecoder::new(input), &mut out),
-        Packing::Zstd => zstd::stream::read::Decoder::with_buffer(input)
-            .and_then(|mut d| io::copy(&mut d, &mut out)),
-        Packing::Xz => lzma_rs::xz_decompress(&mut input, &mut out)
-            .map(|()| 0)
-            .map_err(|e| match e {
-                lzma_rs::error::Error::IoError(e) => e,
-                other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
-            }),
-        Packing::Bzip2 => unreachable!("bzip2 is refused before decompression"),
-    }
-    .and_then(|_| out.flush());
-    if cancel.load(Ordering::Relaxed) {
-        return Err(Error::Interrupted);
-    }
-    match copied {
-        Ok(()) => {}
-        Err(e) if out.failed => {
-            return Err(Error::io(
-                scratch,
-                "cannot write the decompressed image file (it needs as much room as the uncompressed tar)",
-                e,
-            ));
-        }
-        Err(e) => {
-            return Err(Error::Archive {
-                what: "image archive",
-                input: path.display().to_string(),
-                reason: format!(
-                    "the {} stream is damaged ({e}); the file is corrupt or truncated, copy it again",
-                    packing.name()
-                ),
-            });
-        }
-    }
-    drop(out);
-    let mut tmp = tmp;
-    tmp.seek(SeekFrom::Start(0))
-        .map_err(|e| Error::io(scratch, "cannot seek in the decompressed image file", e))?;
-    Ok(tmp)
-}
-
 impl Files {
     /// Open `path`: a directory, a tar, or a compressed tar (decompressed
     /// into `scratch`).
-    fn open(path: &Path, scratch: &Path, cancel: &AtomicBool) -> Result<Files> {
+    fn open(
+        path: &Path,
+        scratch: &Path,
+        cancel: &AtomicBool,
+        reporter: &dyn Reporter,
+    ) -> Result<Files> {
         let meta =
             fs::metadata(path).map_err(|e| Error::io(path, "cannot open image archive", e))?;
         if meta.is_dir() {
@@ -289,11 +121,18 @@ impl Files {
         let mut head = [0u8; Packing::HEAD];
         let n = read_head(&mut file, &mut head)
             .map_err(|e| Error::io(path, "cannot read image archive", e))?;
-        file.seek(SeekFrom::Start(0))
-            .map_err(|e| Error::io(path, "cannot seek in image archive", e))?;
         let packing = Packing::sniff(&head[..n]);
         let file = match packing {
-            None => file,
+            None => {
+                file.seek(SeekFrom::Start(0)).map_err(|e| Error::Archive {
+                    what: "image archive",
+                    input: path.display().to_string(),
+                    reason: format!(
+                        "cannot be read out of order ({e}): an uncompressed image file must be a regular file; save it to one first"
+                    ),
+                })?;
+                file
+            }
             Some(Packing::Bzip2) => {
                 return Err(Error::Archive {
                     what: "image archive",
@@ -301,7 +140,17 @@ impl Files {
                     reason: "is bzip2-compressed, which hydrafy does not read; decompress it first (bunzip2 -k) and extract the .tar".to_string(),
                 });
             }
-            Some(p) => decompress(path, file, p, scratch, cancel)?,
+            Some(p) => {
+                reporter.info(&format!(
+                    "{}: {}-compressed; decompressing it into a temporary file in {}",
+                    path.display(),
+                    p.name(),
+                    scratch.display()
+                ));
+                // The first bytes are read already: a pipe cannot be rewound.
+                let input = io::Cursor::new(head[..n].to_vec()).chain(file);
+                decompress(path, input, p, scratch, cancel)?
+            }
         };
         let mut entries = HashMap::new();
         let not_tar = |e: io::Error| Error::Archive {
@@ -689,12 +538,17 @@ pub struct Archive {
 
 impl Archive {
     /// Open SOURCE: an OCI layout directory, an oci-archive tar, or a
-    /// `docker save` tar, any of them compressed; a compressed file is
-    /// decompressed into `scratch` (see the module's doc). Setting `cancel`
-    /// stops the decompression.
-    pub fn open(name: &SourceName, scratch: &Path, cancel: &AtomicBool) -> Result<Archive> {
+    /// `docker save` tar, any of them compressed; a compressed file (which
+    /// may be a pipe) is decompressed into `scratch` (see the module's doc).
+    /// Setting `cancel` stops the decompression.
+    pub fn open(
+        name: &SourceName,
+        scratch: &Path,
+        cancel: &AtomicBool,
+        reporter: &dyn Reporter,
+    ) -> Result<Archive> {
         let path = &name.path;
-        let files = Files::open(path, scratch, cancel)?;
+        let files = Files::open(path, scratch, cancel, reporter)?;
         let is_oci = files.size("index.json").is_some() && files.size("oci-layout").is_some();
         let is_docker = files.size("manifest.json").is_some();
         let input = path.display().to_string();
@@ -1590,5 +1444,57 @@ impl Write for HashingWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_list_is_a_table_with_the_source_that_picks_each_image() {
+        let d: Digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+            .parse()
+            .unwrap();
+        let listing = Listing {
+            source: "layout".into(),
+            format: "oci-layout",
+            images: vec![
+                ListedImage {
+                    references: vec!["2.24".into()],
+                    digest: d,
+                    kind: "image".into(),
+                    platforms: vec!["linux/amd64".into(), "linux/arm64".into()],
+                    size: 123_400_000,
+                    source: "oci:layout:2.24".into(),
+                },
+                ListedImage {
+                    references: vec![],
+                    digest: d,
+                    kind: "a Helm chart (config x)".into(),
+                    platforms: vec![],
+                    size: 10,
+                    source: "oci:layout:@1".into(),
+                },
+            ],
+        };
+        let text = listing.render();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("REFERENCE  "), "{text}");
+        let cells: Vec<&str> = lines[1].split("  ").filter(|c| !c.is_empty()).collect();
+        assert_eq!(
+            cells.iter().map(|c| c.trim()).collect::<Vec<_>>(),
+            [
+                "2.24",
+                &d.to_string(),
+                "linux/amd64,linux/arm64",
+                "123.4 MB",
+                "oci:layout:2.24"
+            ],
+            "{text}"
+        );
+        assert!(lines[2].starts_with("-  "), "{text}");
+        assert!(lines[2].contains("not an image: a Helm chart"), "{text}");
     }
 }

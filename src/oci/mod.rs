@@ -5,6 +5,7 @@
 //!
 //! Stands on nothing but [`crate::error`]: every other room speaks these types.
 
+pub mod compressed;
 pub mod digest;
 pub mod layout;
 pub mod manifest;
