@@ -490,6 +490,12 @@ fn the_releases_nixos_org_docker_tarball_extracts_gzip_zstd_or_xz_whatever_its_n
         &["cut.tar.gz", "gzip stream is damaged", "copy it again"],
     );
     assert_eq!(fingerprint(&env.join("nix-backup")), before);
+    let out = env.run(&["extract", "cut.tar.gz", "-o", "new/nix-backup"]);
+    assert_fails(&out, 1, &["gzip stream is damaged"]);
+    assert!(
+        !env.join("new").exists(),
+        "a failed run made the output's parent"
+    );
     assert!(
         listing(env.path())
             .iter()

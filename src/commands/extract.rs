@@ -51,14 +51,19 @@ pub async fn extract(
     let layout = Layout::of(opts.rootfs);
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
     check_merge(opts.existing, layout)?;
-    let out = OutputDir::open(&opts.output, &*reporter)?;
     // A compressed file is decompressed beside the output, where its room is.
-    let archive = open_archive(&opts.source, out.parent(), cancel.flag(), &reporter)
-        .await
-        .map_err(|e| with_output(e, opts))?;
+    let archive = open_archive(
+        &opts.source,
+        &scratch_dir(&opts.output),
+        cancel.flag(),
+        &reporter,
+    )
+    .await
+    .map_err(|e| with_output(e, opts))?;
     let resolved = archive
         .resolve(&platform, opts.platform.is_some(), &*reporter)
         .map_err(|e| with_output(e, opts))?;
+    let out = OutputDir::open(&opts.output, &*reporter)?;
     if let Some(summary) = already_holds(
         &out,
         opts.existing,
@@ -151,6 +156,21 @@ pub async fn list(
 ) -> Result<Listing> {
     let archive = open_archive(source, &std::env::temp_dir(), cancel.flag(), &reporter).await?;
     archive.list()
+}
+
+/// Where a compressed image file is decompressed: the output's parent, or
+/// the nearest directory above it that exists (a failed run creates nothing).
+fn scratch_dir(output: &Path) -> PathBuf {
+    let mut dir = output.to_path_buf();
+    loop {
+        dir = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => return PathBuf::from("."),
+        };
+        if dir.is_dir() {
+            return dir;
+        }
+    }
 }
 
 /// Open the image file off the async threads: decompressing takes a while.

@@ -193,11 +193,6 @@ impl OutputDir {
         &self.holding
     }
 
-    /// The directory that holds the output (and its staging folder).
-    pub fn parent(&self) -> &Path {
-        &self.parent
-    }
-
     /// The output directory.
     pub fn dir(&self) -> &Path {
         &self.dir
