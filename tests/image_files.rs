@@ -128,7 +128,7 @@ fn tar_dir(dir: &Path, out: &Path) {
 }
 
 fn compress(tool: &str, file: &Path) -> PathBuf {
-    require_tool(tool, tool);
+    require_tool(tool, if tool == "xz" { "xz-utils" } else { tool });
     let out = run(Command::new(tool).args(["-c", "-q"]).arg(file), tool);
     let dest = PathBuf::from(format!("{}.{tool}", file.display()));
     std::fs::write(&dest, out.stdout).unwrap();
@@ -237,6 +237,16 @@ fn a_multi_tag_oci_layout_is_listed_and_each_tag_extracts_as_umoci_unpacks_it() 
         );
         assert_same_tree(&ours, &env.join("v2.umoci-bundle/rootfs"));
     }
+    // An oci-archive skopeo writes itself, of one image: no name needed.
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/multi:v1", reg.addr),
+        &format!("oci-archive:{}:v1", env.join("one.tar").display()),
+    ]);
+    let ours = hydrafy_rootfs(&env, "one.tar", "one", &[]);
+    assert_same_tree(&ours, &env.join("v1.umoci-bundle/rootfs"));
+
     let out = env.run(&["extract", "oci-archive:multi.tar:v3", "-o", "out"]);
     assert_fails(&out, 1, &["no image named \"v3\"", "v1, v2"]);
     assert!(!env.join("out").exists());

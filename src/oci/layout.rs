@@ -407,9 +407,13 @@ impl Listed {
     }
 
     /// Does `name` (a ref name, or a full image name) name this entry?
+    /// A ref name that is a full image name (as `pull` writes it) matches
+    /// that image however it is spelled (`nixos/nix@...` is `docker.io/nixos/nix@...`).
     fn named(&self, name: &str) -> bool {
-        if self.ref_name() == Some(name) {
-            return true;
+        match self.ref_name() {
+            Some(r) if r == name => return true,
+            Some(r) if r.contains('/') && same_image_name(r, name) => return true,
+            _ => {}
         }
         let full = self
             .desc
@@ -1450,6 +1454,41 @@ impl Write for HashingWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_is_named_by_its_ref_name_or_its_image_name_however_spelled() {
+        let hex = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let entry = |annotations: &[(&str, &str)]| Listed {
+            desc: Descriptor {
+                media_type: manifest::media::OCI_INDEX.to_string(),
+                digest: format!("sha256:{hex}").parse().unwrap(),
+                size: 1,
+                platform: None,
+                urls: None,
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+            },
+            what: What::Unreadable,
+        };
+        let pulled = entry(&[(REF_NAME, &format!("docker.io/nixos/nix@sha256:{hex}"))]);
+        assert!(pulled.named(&format!("docker.io/nixos/nix@sha256:{hex}")));
+        assert!(pulled.named(&format!("nixos/nix@sha256:{hex}")));
+        assert!(!pulled.named("nixos/nix"));
+        let docker25 = entry(&[
+            (REF_NAME, "2.24"),
+            (CONTAINERD_NAME, "docker.io/nixos/nix:2.24"),
+        ]);
+        assert!(docker25.named("2.24"));
+        assert!(docker25.named("nixos/nix:2.24"));
+        assert!(!docker25.named("2.23"));
+        let tag = entry(&[(REF_NAME, "latest")]);
+        assert!(tag.named("latest"));
+        assert!(!tag.named("docker.io/library/latest:latest"));
+    }
 
     #[test]
     fn the_list_is_a_table_with_the_source_that_picks_each_image() {
