@@ -66,7 +66,7 @@ async fn run(cli: Cli, cancel: Cancel) -> Exit {
             let progress = reporter(&args.report);
             let result = match args.options() {
                 Ok(opts) => {
-                    hydrafy::commands::extract::list(&opts.source, progress.clone(), &cancel).await
+                    hydrafy::commands::extract::list(&opts, progress.clone(), &cancel).await
                 }
                 Err(e) => Err(e),
             };

@@ -306,7 +306,15 @@ fn a_docker_save_of_two_images_is_picked_by_repo_tag_or_position_as_skopeo_does(
     );
     let saved = env.join("saved.tar").display().to_string();
 
-    let out = env.run(&["extract", "saved.tar", "-o", "out", "--rootfs"]);
+    let out = env.run(&[
+        "extract",
+        "saved.tar",
+        "-o",
+        "out",
+        "--rootfs",
+        "--platform",
+        "linux/amd64",
+    ]);
     assert_fails(
         &out,
         1,
@@ -314,7 +322,7 @@ fn a_docker_save_of_two_images_is_picked_by_repo_tag_or_position_as_skopeo_does(
             "holds 2 images",
             "docker.io/example/a:v1",
             "docker.io/example/b:v2",
-            "hydrafy extract docker-archive:saved.tar:docker.io/example/a:v1 -o out --rootfs",
+            "hydrafy extract docker-archive:saved.tar:docker.io/example/a:v1 -o out --platform linux/amd64 --rootfs",
         ],
     );
     assert!(!env.join("out").exists());

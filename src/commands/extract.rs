@@ -148,13 +148,15 @@ async fn unpack_archive(
     })
 }
 
-/// `hydrafy extract SOURCE --list`: what the file holds.
+/// `hydrafy extract SOURCE --list`: what the file holds. A compressed file
+/// is decompressed where `extract` with these options would do it.
 pub async fn list(
-    source: &SourceName,
+    opts: &ExtractOptions,
     reporter: Arc<dyn Reporter>,
     cancel: &Cancel,
 ) -> Result<Listing> {
-    let archive = open_archive(source, &std::env::temp_dir(), cancel.flag(), &reporter).await?;
+    let scratch = scratch_dir(&opts.output);
+    let archive = open_archive(&opts.source, &scratch, cancel.flag(), &reporter).await?;
     archive.list()
 }
 
@@ -199,8 +201,16 @@ fn with_output(err: Error, opts: &ExtractOptions) -> Error {
                 "{command} -o {}",
                 shell_word(&opts.output.display().to_string())
             );
+            if let Some(p) = &opts.platform {
+                command.push_str(&format!(" --platform {p}"));
+            }
             if opts.rootfs {
                 command.push_str(" --rootfs");
+            }
+            match opts.existing {
+                Existing::Replace => command.push_str(" --replace"),
+                Existing::Merge => command.push_str(" --merge"),
+                Existing::Refuse => {}
             }
             Error::SeveralImages {
                 file,
