@@ -665,10 +665,22 @@ fn a_docker_25_save_whose_index_json_lists_no_held_image_is_read_from_manifest_j
         },
         true,
     );
+    // An index.json no image index at all: skopeo reads manifest.json regardless.
+    let broken = docker25_save(
+        |l, _| {
+            l.file(
+                "index.json",
+                &serde_json::json!({"schemaVersion": 2,
+                    "mediaType": "application/vnd.oci.image.index.v1+json"}),
+            )
+        },
+        false,
+    );
     let usable = docker25_save(|l, m| l.index(vec![with_annotations(m, "1")]), true);
     for (file, layout) in [
         ("empty.tar", empty),
         ("absent.tar", absent),
+        ("broken.tar", broken),
         ("usable.tar", usable),
     ] {
         layout.write_tar(&env.join(file));

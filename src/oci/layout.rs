@@ -584,16 +584,13 @@ impl Archive {
                     }
                 )));
             }
-            (Format::Detect, true, docker) => {
-                let listed = oci_entries(&files)?;
-                // Docker 25+ `docker save`: an index.json that lists nothing
-                // the file holds; its manifest.json still says what it does.
-                if docker && !listed.iter().any(|l| l.what.is_image()) {
-                    View::Docker(docker_entries(&files)?)
-                } else {
-                    View::Oci(listed)
-                }
-            }
+            // Docker 25+ `docker save`: where index.json lists nothing the
+            // file holds (or cannot be read), manifest.json still says what it does.
+            (Format::Detect, true, docker) => match oci_entries(&files) {
+                Ok(listed) if listed.iter().any(|l| l.what.is_image()) => View::Oci(listed),
+                _ if docker => View::Docker(docker_entries(&files)?),
+                listed => View::Oci(listed?),
+            },
             (Format::Detect, false, true) => View::Docker(docker_entries(&files)?),
             (Format::Detect, false, false) => {
                 return Err(not(
