@@ -983,3 +983,55 @@ fn ctrl_c_while_a_compressed_file_is_decompressed_leaves_nothing_behind() {
         "the output or a temporary file was left"
     );
 }
+
+#[test]
+fn an_xz_gzip_or_zstd_image_file_is_decompressed_in_bounded_memory() {
+    // xz's blocks can span the whole file: a decoder that keeps a block's
+    // output until it ends holds the whole image in memory.
+    require_tool("/usr/bin/time", "time");
+    let env = TestEnv::new();
+    let zeros = vec![0u8; 1 << 20];
+    for tool in ["xz", "gzip", "zstd"] {
+        require_tool(tool, if tool == "xz" { "xz-utils" } else { tool });
+        let file = env.join(&format!("zeros.tar.{tool}"));
+        let mut child = Command::new(tool)
+            .args(["-c", "-1"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::fs::File::create(&file).unwrap())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        // 200 MB of zeros: a tar that ends at once, so nothing is an image.
+        for _ in 0..200 {
+            stdin.write_all(&zeros).unwrap();
+        }
+        drop(stdin);
+        assert!(child.wait().unwrap().success(), "{tool}");
+
+        let out = Command::new("/usr/bin/time")
+            .args(["-f", "maxrss=%M"])
+            .arg(env!("CARGO_BIN_EXE_hydrafy"))
+            .arg("extract")
+            .arg(&file)
+            .args(["-o", "out"])
+            .env("HOME", env.join("home"))
+            .env("XDG_CACHE_HOME", env.join("cache"))
+            .current_dir(env.path())
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert!(
+            err.contains("neither an OCI image layout"),
+            "{tool}: the whole file was not read: {err}"
+        );
+        let kib: u64 = err
+            .lines()
+            .find_map(|l| l.strip_prefix("maxrss="))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no maxrss from /usr/bin/time: {err}"));
+        assert!(
+            kib < 100 * 1024,
+            "{tool}: decompressing 200 MB took {kib} KiB of memory"
+        );
+    }
+}
