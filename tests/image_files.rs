@@ -1034,4 +1034,14 @@ fn an_xz_gzip_or_zstd_image_file_is_decompressed_in_bounded_memory() {
             "{tool}: decompressing 200 MB took {kib} KiB of memory"
         );
     }
+    // An xz file that asks for a 1 GiB dictionary is refused before it gets it.
+    let greedy = run(
+        Command::new("sh")
+            .arg("-c")
+            .arg("head -c 1000 /dev/zero | xz --lzma2=dict=1GiB -c"),
+        "xz",
+    );
+    std::fs::write(env.join("greedy.tar.xz"), greedy.stdout).unwrap();
+    let out = env.run(&["extract", "greedy.tar.xz", "-o", "out"]);
+    assert_fails(&out, 1, &["asks for more than the 512 MiB", "xz -dk"]);
 }

@@ -169,6 +169,17 @@ pub fn decompress(
                 e,
             ));
         }
+        Err(e) if e.kind() == io::ErrorKind::OutOfMemory => {
+            return Err(Error::Archive {
+                what: "image archive",
+                input: path.display().to_string(),
+                reason: format!(
+                    "its {} stream asks for more than the {} MiB of memory hydrafy gives a decoder; decompress it first (xz -dk) and extract the .tar",
+                    packing.name(),
+                    XZ_MEMORY_KIB / 1024
+                ),
+            });
+        }
         Err(e) => {
             return Err(Error::Archive {
                 what: "image archive",
