@@ -93,6 +93,19 @@ pub enum Error {
         reason: String,
     },
 
+    /// An image file holds several images and SOURCE named none of them.
+    /// `command` is the command line that picks the first one.
+    #[error(
+        "{file}: holds {count} images ({list}); name one, e.g. `{command}` (`hydrafy extract {file} --list` shows them all)",
+        count = .images.len(),
+        list = .images.join(", ")
+    )]
+    SeveralImages {
+        file: String,
+        images: Vec<String>,
+        command: String,
+    },
+
     /// Downloaded or read bytes do not hash to the digest that named them.
     #[error("{what} {expected}: content hashes to {found}; {hint}")]
     DigestMismatch {

@@ -12,7 +12,7 @@ use crate::support::image::{
 use crate::support::proxy::{Action, Proxy};
 use crate::support::registry::Registry;
 use crate::support::{
-    TestEnv, assert_fails, assert_ok, fingerprint, json, listing, nix, stderr, wait_until,
+    TestEnv, assert_fails, assert_ok, catches, fingerprint, json, listing, nix, stderr, wait_until,
 };
 
 /// A minimal Nix-shaped image: one store path and a database file.
@@ -878,16 +878,6 @@ fn a_staging_folder_left_by_a_killed_run_is_removed_by_the_next_run() {
         "out/dir",
     ]));
     assert_eq!(listing(&env.join("out")), ["dir"]);
-}
-
-/// Has process `pid` a handler for `signal` (its bit in `SigCgt` of /proc/PID/status)?
-fn catches(pid: u32, signal: rustix::process::Signal) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("SigCgt:"))
-        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1 << (signal.as_raw() - 1)) != 0)
 }
 
 fn wait_for_staging(parent: &Path) {

@@ -8,6 +8,7 @@ mod differential;
 mod fetch;
 mod gc;
 mod hostile;
+mod image_files;
 mod jobs;
 mod jobs_gc;
 mod merge;

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::gc::GcOptions;
 use crate::nix::verify::VerifyOptions;
 use crate::oci::platform::Platform;
+use crate::oci::source::SourceName;
 use crate::registry::client::{Mirror, RegistryOptions};
 use crate::seed::output::Existing;
 
@@ -298,8 +299,16 @@ pub struct RunnerConfigArgs {
 /// `hydrafy extract`.
 #[derive(Debug, Args)]
 pub struct ExtractArgs {
-    /// An OCI image layout directory, an oci-archive tar, or a docker save tar.
-    pub source: PathBuf,
+    /// An OCI image layout directory, an oci-archive tar, or a docker save tar
+    /// (plain, or gzip, zstd or xz compressed). To pick one image of several,
+    /// skopeo's names: oci:DIR:REF, oci-archive:FILE:REF,
+    /// docker-archive:FILE:REPO:TAG, docker-archive:FILE:@N (from 0).
+    #[arg(value_name = "SOURCE")]
+    pub source: String,
+    /// Print the images SOURCE holds (reference, digest, platforms, size, and
+    /// the SOURCE that picks each) and extract nothing.
+    #[arg(long, conflicts_with_all = ["replace", "merge", "rootfs"])]
+    pub list: bool,
     #[command(flatten)]
     pub output: OutputArgs,
     #[command(flatten)]
@@ -505,7 +514,7 @@ impl ExtractArgs {
     /// Validated extract options.
     pub fn options(&self) -> Result<ExtractOptions> {
         Ok(ExtractOptions {
-            source: self.source.clone(),
+            source: SourceName::parse(&self.source)?,
             output: self.output.output.clone(),
             platform: self.output.platform.clone(),
             rootfs: self.output.rootfs,

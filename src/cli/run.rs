@@ -66,6 +66,18 @@ async fn run(cli: Cli, cancel: Cancel) -> Exit {
             };
             streaming(&args.report, args.options(), run, PullSummary::line).await
         }
+        Command::Extract(args) if args.list => {
+            let progress = Arc::new(Progress::new(Style::detect(args.report.quiet)));
+            let result = match args.options() {
+                Ok(opts) => crate::commands::extract::list(&opts, progress.clone(), &cancel).await,
+                Err(e) => Err(e),
+            };
+            progress.finish();
+            if let (Ok(listing), false) = (&result, args.report.json) {
+                print_stdout(&listing.render());
+            }
+            finish(result, args.report.json)
+        }
         Command::Extract(args) => {
             let run = |opts, progress: Arc<Progress>| async move {
                 crate::commands::extract::extract(&opts, progress, &cancel).await

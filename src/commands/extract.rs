@@ -3,19 +3,22 @@
 //! The same verification and output rules as `fetch` (every manifest,
 //! config, blob and diff_id checked; staging; one atomic publish), with the
 //! manifests and blobs read from an OCI layout, an oci-archive or a
-//! `docker save` archive instead of a registry. No network client is ever
-//! created on this path.
+//! `docker save` archive (any of them compressed) instead of a registry. No
+//! network client is ever created on this path. `--list` shows what a file
+//! holds, and the SOURCE that picks each image.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::oci::layout::Archive;
+use crate::oci::layout::{Archive, Listing};
 use crate::oci::platform::Platform;
 use crate::oci::resolve::ResolvedImage;
+use crate::oci::source::{SourceName, shell_word};
 use crate::seed::layers::StoreLayers;
-use crate::seed::output::{Existing, OutputDir, Staging};
+use crate::seed::output::{Existing, OutputDir, Staging, check_options};
 use crate::seed::publish::Summary;
 use crate::seed::publish::{SkipPlan, Unpacked, already_holds, finish_output, without_skips};
 use crate::seed::state::Layout;
@@ -27,8 +30,9 @@ use crate::unpack::pipeline;
 /// Everything `extract` needs to know.
 #[derive(Clone, Debug)]
 pub struct ExtractOptions {
-    /// An OCI layout directory, an oci-archive tar, or a `docker save` tar.
-    pub source: PathBuf,
+    /// An OCI layout directory, an oci-archive tar, or a `docker save` tar,
+    /// and which image of it.
+    pub source: SourceName,
     pub output: PathBuf,
     pub platform: Option<Platform>,
     pub rootfs: bool,
@@ -44,8 +48,20 @@ pub async fn extract(
     let start = Instant::now();
     let layout = Layout::of(opts.rootfs);
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
-    let archive = Archive::open(&opts.source)?;
-    let resolved = archive.resolve(&platform, opts.platform.is_some(), &*reporter)?;
+    // Before any work: the file may take long to decompress.
+    check_options(opts.existing, layout)?;
+    // A compressed file is decompressed beside the output, where its room is.
+    let archive = open_archive(
+        &opts.source,
+        &scratch_dir(&opts.output),
+        cancel.flag(),
+        &reporter,
+    )
+    .await
+    .map_err(|e| with_output(e, opts))?;
+    let resolved = archive
+        .resolve(&platform, opts.platform.is_some(), &*reporter)
+        .map_err(|e| with_output(e, opts))?;
     let out = OutputDir::open(&opts.output, opts.existing, layout, &*reporter)?;
     if let Some(summary) = already_holds(&out, &resolved.top_digest, &platform, start)? {
         return Ok(summary);
@@ -121,4 +137,78 @@ async fn unpack_archive(
         store_layers: plan.store_layers(resolved, log),
         downloaded: 0,
     })
+}
+
+/// `hydrafy extract SOURCE --list`: what the file holds. A compressed file
+/// is decompressed where `extract` with these options would do it.
+pub async fn list(
+    opts: &ExtractOptions,
+    reporter: Arc<dyn Reporter>,
+    cancel: &Cancel,
+) -> Result<Listing> {
+    let scratch = scratch_dir(&opts.output);
+    let archive = open_archive(&opts.source, &scratch, cancel.flag(), &reporter).await?;
+    archive.list()
+}
+
+/// Where a compressed image file is decompressed: the output's parent, or
+/// the nearest directory above it that exists (a failed run creates nothing).
+fn scratch_dir(output: &Path) -> PathBuf {
+    let mut dir = output.to_path_buf();
+    loop {
+        dir = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => return PathBuf::from("."),
+        };
+        if dir.is_dir() {
+            return dir;
+        }
+    }
+}
+
+/// Open the image file off the async threads: decompressing takes a while.
+async fn open_archive(
+    source: &SourceName,
+    scratch: &Path,
+    cancel: Arc<AtomicBool>,
+    reporter: &Arc<dyn Reporter>,
+) -> Result<Archive> {
+    let (source, scratch) = (source.clone(), scratch.to_path_buf());
+    let reporter = Arc::clone(reporter);
+    tokio::task::spawn_blocking(move || Archive::open(&source, &scratch, &cancel, &*reporter))
+        .await
+        .expect("archive thread panicked")
+}
+
+/// Complete the command a "several images" error suggests with this run's options.
+fn with_output(err: Error, opts: &ExtractOptions) -> Error {
+    match err {
+        Error::SeveralImages {
+            file,
+            images,
+            command,
+        } => {
+            let mut command = format!(
+                "{command} -o {}",
+                shell_word(&opts.output.display().to_string())
+            );
+            if let Some(p) = &opts.platform {
+                command.push_str(&format!(" --platform {p}"));
+            }
+            if opts.rootfs {
+                command.push_str(" --rootfs");
+            }
+            match opts.existing {
+                Existing::Replace => command.push_str(" --replace"),
+                Existing::Merge => command.push_str(" --merge"),
+                Existing::Refuse => {}
+            }
+            Error::SeveralImages {
+                file,
+                images,
+                command,
+            }
+        }
+        other => other,
+    }
 }

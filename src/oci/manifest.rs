@@ -17,6 +17,7 @@ use crate::oci::platform::Platform;
 pub mod media {
     pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
     pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
     pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
     pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
     pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
@@ -24,6 +25,7 @@ pub mod media {
     pub const DOCKER_SCHEMA1_SIGNED: &str =
         "application/vnd.docker.distribution.manifest.v1+prettyjws";
     pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+    pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 }
 
 /// What hydrafy sends in `Accept` when it asks for a manifest.
@@ -274,10 +276,9 @@ pub fn layer_compression(image: &str, media_type: &str) -> Result<Compression> {
 mod tests {
     use super::*;
 
-    const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+    use media::{OCI_CONFIG, OCI_LAYER_ZSTD};
     const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
     const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-    const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 
     const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 

@@ -45,6 +45,18 @@ pub enum Holding {
     Foreign,
 }
 
+/// Refuse what a run cannot do to any DIR: `--merge` with `--rootfs`.
+pub fn check_options(existing: Existing, layout: Layout) -> Result<()> {
+    if existing == Existing::Merge && layout == Layout::Rootfs {
+        return Err(Error::invalid(
+            "option",
+            "--merge",
+            "--merge adds store paths to a Nix seed; it cannot be combined with --rootfs",
+        ));
+    }
+    Ok(())
+}
+
 /// A locked output directory, and what this run was asked to do with it:
 /// the one owner of "what does DIR hold, and may this run change it".
 pub struct OutputDir {
@@ -101,13 +113,7 @@ impl OutputDir {
         layout: Layout,
         reporter: &dyn Reporter,
     ) -> Result<OutputDir> {
-        if existing == Existing::Merge && layout == Layout::Rootfs {
-            return Err(Error::invalid(
-                "option",
-                "--merge",
-                "--merge adds store paths to a Nix seed; it cannot be combined with --rootfs",
-            ));
-        }
+        check_options(existing, layout)?;
         let name = dir
             .file_name()
             .filter(|n| *n != "." && *n != "..")

@@ -91,6 +91,16 @@ pub fn wait_until(what: &str, mut event: impl FnMut() -> bool) {
     }
 }
 
+/// Has process `pid` a handler for `signal` (its bit in `SigCgt` of /proc/PID/status)?
+pub fn catches(pid: u32, signal: rustix::process::Signal) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal.as_raw() - 1)) != 0)
+}
+
 /// A `--json` run that succeeded and changed nothing.
 pub fn assert_no_op(out: &Output) {
     assert_ok(out);
