@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end benchmark: hydrafy fetch (cold cache) against skopeo copy + umoci
-# unpack, and against the naive, unverified `curl | tar -xz` of every layer.
+# unpack, against the naive, unverified `curl | tar -xz` of every layer, and
+# against the file system's floor: GNU `tar -xf` of the layers, already
+# inflated and in the page cache, in order, into an empty folder (no network,
+# no inflate, no hashing, no checks: what every extractor pays on this disk).
 #
 # It starts a throwaway distribution registry on loopback, pushes realistic
 # Nix-layered images (scripts/make-nixlike.py: one store path per layer, a
@@ -10,15 +13,24 @@
 # the same run. (hyperfine runs each command's repetitions back to back and
 # cannot report memory, which is why this loop is hand-rolled.)
 #
-# usage: scripts/bench.sh [--runs N] [--images full,half,big] [--work DIR]
+# usage: scripts/bench.sh [--runs N] [--images full,half,big,cuda] [--work DIR]
+#                         [--tools LIST] [--baseline BIN]
 #   full: make-nixlike.py --mb 400 (about 100 layers, 400 MB in 90 directories of /usr)
 #   half: make-nixlike.py --mb 200
 #   big:  one 2 GB layer (real files from /usr/lib under one store path)
+#   cuda: make-nixlike.py --cuda (600 store paths, 5 GB, about 200,000 files, two
+#         files of 1.1 GB); not in the default list: it needs about 45 GB of disk
+#         and runs only hydrafy and the floor unless --tools says otherwise
+#   --tools: of hydrafy,floor,skopeo+umoci,curl+tar (default: all of them)
+#   --baseline BIN: also time another hydrafy binary (say, one built from an
+#         older commit) as "baseline", alternating with the others
 # needs: docker-registry skopeo umoci curl pigz python3 nix-bin (apt-get install ...)
 set -euo pipefail
 
 runs=5
 images=full,half,big
+tools_opt=""
+baseline=""
 work=${TMPDIR:-/tmp}/hydrafy-bench
 here=$(cd "$(dirname "$0")/.." && pwd)
 make_nixlike=$here/scripts/make-nixlike.py
@@ -27,6 +39,8 @@ while [ $# -gt 0 ]; do
         --runs) runs=$2; shift 2 ;;
         --images) images=$2; shift 2 ;;
         --work) work=$2; shift 2 ;;
+        --tools) tools_opt=$2; shift 2 ;;
+        --baseline) baseline=$(realpath "$2"); shift 2 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -88,12 +102,13 @@ make_big() { # one 2 GB layer: real files under one store path, plus the db dir
 declare -A ref
 for img in ${images//,/ }; do
     case $img in
-        full) mb=400 ;;
-        half) mb=200 ;;
+        full) shape=(--mb 400) ;;
+        half) shape=(--mb 200) ;;
+        cuda) shape=(--cuda) ;;
         big) ref[big]=$(make_big); continue ;;
         *) echo "unknown image $img" >&2; exit 2 ;;
     esac
-    out=$(python3 "$make_nixlike" "$work/$img" "$reg" "nixos/$img" --mb "$mb")
+    out=$(python3 "$make_nixlike" "$work/$img" "$reg" "nixos/$img" "${shape[@]}")
     ref[$img]=nixos/$img@$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["amd64"])' "$out")
     rm -rf "$work/$img"
 done
@@ -113,12 +128,27 @@ results=$work/results.tsv
 # its last run, followed by a sync and a pause before the next image.
 # (Each tool runs once untimed first, and the timed rounds rotate which tool
 # goes first, so no tool always meets a cold registry or a busy disk.)
+# The floor's input: every layer of the image inflated once, before the
+# timed rounds (and kept in the page cache by each floor run reading it).
+inflate_layers() { # image
+    local img=$1 n=0 dir=$work/inflated/$1
+    rm -rf "$dir"; mkdir -p "$dir"
+    for l in $(layers_of "${ref[$img]}"); do
+        n=$((n + 1))
+        curl -fsS "http://$reg/v2/${ref[$img]%@*}/blobs/$l" | gzip -dc > "$dir/$(printf %04d $n).tar"
+    done
+}
+
 run_one() { # image tool run
     local img=$1 tool=$2 run=$3 out=$work/out/$1-$2-$3
     mkdir -p "$out"; sync
     case $tool in
         hydrafy)
             cmd=("env" "XDG_CACHE_HOME=$out/cache" "$hydrafy" fetch --plain-http -q "$reg/${ref[$img]}" -o "$out/nix-backup") ;;
+        baseline)
+            cmd=("env" "XDG_CACHE_HOME=$out/cache" "$baseline" fetch --plain-http -q "$reg/${ref[$img]}" -o "$out/nix-backup") ;;
+        floor)
+            cmd=(sh -c "set -e; for f in $work/inflated/$img/*.tar; do tar -xf \$f -C $out; done") ;;
         skopeo+umoci)
             cmd=(sh -c "skopeo copy -q --src-tls-verify=false docker://$reg/${ref[$img]} oci:$out/layout:img && umoci unpack --rootless --image $out/layout:img $out/bundle") ;;
         curl+tar)
@@ -131,19 +161,30 @@ run_one() { # image tool run
 }
 
 for img in ${images//,/ }; do
+    if [ -n "$tools_opt" ]; then
+        IFS=, read -r -a tools <<< "$tools_opt"
+    elif [ "$img" = cuda ]; then
+        tools=(hydrafy floor)
+    else
+        tools=(hydrafy floor skopeo+umoci curl+tar)
+    fi
+    [ -n "$baseline" ] && tools+=(baseline)
+    for tool in "${tools[@]}"; do
+        case $tool in hydrafy|baseline|floor|skopeo+umoci|curl+tar) ;; *) echo "unknown tool $tool" >&2; exit 2 ;; esac
+    done
+    case " ${tools[*]} " in *" floor "*) inflate_layers "$img" ;; esac
     echo "letting ext4 forget recent deletions" >&2; sync; sleep 65
     # One untimed round first (the registry's files into the page cache),
     # then the timed rounds, each starting with the next tool in turn.
-    tools=(hydrafy skopeo+umoci curl+tar)
     for tool in "${tools[@]}"; do run_one "$img" "$tool" warmup; done
     sed -i '/\twarmup$/d' "$results"
     for r in $(seq "$runs"); do
-        for k in 0 1 2; do
-            run_one "$img" "${tools[$(( (r + k) % 3 ))]}" "$r"
+        for k in $(seq 0 $(( ${#tools[@]} - 1 ))); do
+            run_one "$img" "${tools[$(( (r + k) % ${#tools[@]} ))]}" "$r"
         done
         echo "$img run $r/$runs done" >&2
     done
-    rm -rf "$work/out"; sync
+    rm -rf "$work/out" "$work/inflated"; sync
 done
 
 python3 - "$results" "$(nproc)" "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" <<'PY'
@@ -155,10 +196,18 @@ for img, tool, secs, kb, _run in rows:
 imgs = list(dict.fromkeys(r[0] for r in rows))
 print(f"machine: {sys.argv[2]} cores, {sys.argv[3]}; {len(t[imgs[0], 'hydrafy'])} alternating runs per tool")
 print()
-print("| image | hydrafy fetch | skopeo + umoci | curl \\| tar -xz | hydrafy / skopeo+umoci | hydrafy / curl\\|tar | hydrafy peak RSS |")
-print("|---|---|---|---|---|---|---|")
+names = {"hydrafy": "hydrafy fetch", "floor": "floor (tar -xf)", "skopeo+umoci": "skopeo + umoci",
+         "curl+tar": "curl \\| tar -xz", "baseline": "baseline fetch"}
+peers = [k for k in ("floor", "skopeo+umoci", "curl+tar", "baseline") if any((i, k) in t for i in imgs)]
+med = lambda img, k: statistics.median(t[img, k]) if (img, k) in t else None
+cols = ["hydrafy fetch"] + [names[k] for k in peers] + ["hydrafy / " + names[k] for k in peers] + ["hydrafy peak RSS"]
+print("| image | " + " | ".join(cols) + " |")
+print("|---" * (len(cols) + 1) + "|")
 for img in imgs:
-    h, s, c = (statistics.median(t[img, k]) for k in ("hydrafy", "skopeo+umoci", "curl+tar"))
-    rss = max(m[img, "hydrafy"]) / 1024
-    print(f"| {img} | {h:.2f} s | {s:.2f} s | {c:.2f} s | {h/s:.2f} | {h/c:.2f} | {rss:.0f} MB |")
+    h = med(img, "hydrafy")
+    cells = [f"{h:.2f} s"]
+    cells += [f"{med(img, k):.2f} s" if med(img, k) else "-" for k in peers]
+    cells += [f"{h / med(img, k):.2f}" if med(img, k) else "-" for k in peers]
+    cells.append(f"{max(m[img, 'hydrafy']) / 1024:.0f} MB")
+    print(f"| {img} | " + " | ".join(cells) + " |")
 PY

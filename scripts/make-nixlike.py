@@ -20,8 +20,14 @@ so a smaller --mb picks a prefix of what a larger one picks: two images
 made with --mb 320 and --mb 400 share most of their store paths, as an
 image and its previous release do.
 
-usage: scripts/make-nixlike.py WORKDIR REGISTRY REPO [--mb N] [--tag TAG]
+usage: scripts/make-nixlike.py WORKDIR REGISTRY REPO [--mb N] [--tag TAG] [--cuda]
        scripts/make-nixlike.py --list [--mb N]     (show the directories it would use)
+
+--cuda shapes the image like a CUDA or ML toolchain instead: many more store
+paths (each directory taken twice, as two versions of a package would be),
+more than 150,000 files and 4 GB in all, and two store paths holding one file
+of over 1 GB each (as libcudnn and libcublasLt are), made of real library
+bytes from this machine so that they compress as binaries do.
 
 REGISTRY is host:port of a registry reached over plain HTTP without auth
 (the benchmarks start one on loopback). Prints one JSON object on stdout:
@@ -65,6 +71,12 @@ SOURCE_ROOTS = [
 MIN_SOURCE = 1_000_000
 MAX_SOURCE = 80_000_000
 MAX_SOURCES = 90
+# --cuda takes from all of /usr, directories of 0.2 to 400 MB, 1.5 GB of them.
+CUDA_ROOTS = SOURCE_ROOTS + [
+    "/usr/share", "/usr/lib", "/usr/include", "/usr/lib/*-linux-gnu/*", "/usr/src", "/usr/libexec",
+]
+CUDA_SOURCES = dict(roots=CUDA_ROOTS, budget=1_500_000_000, max_sources=600,
+                    min_size=200_000, max_size=400_000_000)
 WRAPPER_FANOUT = 7  # each wrapper path refers to this many source paths
 
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
@@ -102,10 +114,11 @@ def measure(top):
     return total
 
 
-def pick_sources(budget):
+def pick_sources(budget, max_sources=MAX_SOURCES, roots=SOURCE_ROOTS,
+                 min_size=MIN_SOURCE, max_size=MAX_SOURCE):
     """(path, bytes) of directories to turn into store paths, up to `budget` bytes."""
     picked, total = [], 0
-    for pattern in SOURCE_ROOTS:
+    for pattern in roots:
         for root in sorted(glob.glob(pattern)):
             if not os.path.isdir(root) or os.path.islink(root):
                 continue
@@ -116,11 +129,11 @@ def pick_sources(budget):
                 if any(path == p for p, _ in picked):
                     continue
                 size = measure(path)
-                if size is None or not MIN_SOURCE <= size <= MAX_SOURCE:
+                if size is None or not min_size <= size <= max_size:
                     continue
                 picked.append((path, size))
                 total += size
-                if total >= budget or len(picked) >= MAX_SOURCES:
+                if total >= budget or len(picked) >= max_sources:
                     return picked, total
     return picked, total
 
@@ -131,18 +144,50 @@ def store_name(i, path):
     return ("src%02d-%s" % (i, base.lstrip(".")))[:48]
 
 
+def make_big_files(work, count, size):
+    """`count` directories under WORK/big, each holding one file `lib/libbig-N.so`
+    of `size` bytes: this machine's shared libraries end to end, each file
+    starting at another library so that no two are alike. Returns (path, bytes)."""
+    libs = []
+    for here, dirs, files in os.walk("/usr/lib"):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(here, name)
+            if ".so" in name and not os.path.islink(path) and os.path.isfile(path):
+                if os.access(path, os.R_OK) and os.path.getsize(path) >= 100_000:
+                    libs.append(path)
+    if not libs:
+        sys.exit("make-nixlike: found no shared library under /usr/lib for --cuda")
+    made = []
+    for n in range(count):
+        top = os.path.join(work, "big", "libbig-%d" % n)
+        os.makedirs(os.path.join(top, "lib"), exist_ok=True)
+        written, k = 0, n * 7
+        with open(os.path.join(top, "lib", "libbig-%d.so" % n), "wb") as out:
+            while written < size:
+                with open(libs[k % len(libs)], "rb") as f:
+                    chunk = f.read(size - written)
+                out.write(chunk)
+                written += len(chunk)
+                k += 1
+        made.append((top, written))
+    return made
+
+
 def nix_string(s):
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${") + '"'
 
 
-def build_store(root, sources):
+def build_store(root, sources, names=None):
     """Copy `sources` into a Nix store under `root` (ROOT/nix/store and its
-    database) and add the wrapper paths; returns every store path, sources first."""
+    database) and add the wrapper paths; returns every store path, sources first.
+    `names` gives each source's store name (default: from its path)."""
     bindings = []
     for i, (path, _) in enumerate(sources):
+        name = names[i] if names else store_name(i, path)
         bindings.append(
             "s%d = builtins.path { path = %s; name = %s; };"
-            % (i, nix_string(path), nix_string(store_name(i, path)))
+            % (i, nix_string(path), nix_string(name))
         )
     wrappers = []
     for start in range(0, len(sources), WRAPPER_FANOUT):
@@ -352,8 +397,13 @@ def main():
     ap.add_argument("--mb", type=int, default=400, help="store size to aim for, MB (default 400)")
     ap.add_argument("--tag", default="latest", help="tag of the manifest list (default latest)")
     ap.add_argument("--list", action="store_true", help="print the directories it would use, and stop")
+    ap.add_argument("--cuda", action="store_true",
+                    help="a CUDA-sized image: over 4 GB and 150,000 files, two files over 1 GB")
     a = ap.parse_args()
-    sources, total = pick_sources(a.mb * 1_000_000)
+    if a.cuda:
+        sources, total = pick_sources(**CUDA_SOURCES)
+    else:
+        sources, total = pick_sources(a.mb * 1_000_000)
     if a.list:
         for path, size in sources:
             print("%8.1f MB  %s" % (size / 1e6, path))
@@ -368,8 +418,18 @@ def main():
         sys.exit("make-nixlike: found no directory of 1 to 80 MB under " + ", ".join(SOURCE_ROOTS))
     root = os.path.join(os.path.abspath(a.work), "root")
     os.makedirs(root, exist_ok=True)
+    names = None
+    if a.cuda:
+        # Two versions of every package, and two libraries of 1.1 GB.
+        names = [store_name(i, p) for i, (p, _) in enumerate(sources)]
+        names += [("v2-" + n)[:48] for n in names]
+        sources = sources + sources
+        big = make_big_files(os.path.abspath(a.work), 2, 1_100_000_000)
+        names += [os.path.basename(p) for p, _ in big]
+        sources += big
+        total = sum(size for _, size in sources)
     say("copying %d directories (%.0f MB) into a Nix store" % (len(sources), total / 1e6))
-    store_paths = build_store(root, sources)
+    store_paths = build_store(root, sources, names)
     result = push_image(Registry(a.registry, a.repo), a.work, root, store_paths, a.tag)
     result.update(store_paths=len(store_paths), bytes=total)
     print(json.dumps(result))
