@@ -9,3 +9,4 @@ pub mod apply;
 pub mod decompress;
 pub mod fsroot;
 pub mod pipeline;
+pub mod tar;
