@@ -88,18 +88,23 @@ struct Meta {
     mtime: Option<Timespec>,
 }
 
-/// The entry being applied, for errors that name it.
+/// The entry being applied, for errors that name it (the name is made
+/// printable only when an error needs it: this is the hot path).
 struct At<'a> {
     layer: &'a str,
-    entry: &'a str,
+    name: &'a [u8],
 }
 
 impl At<'_> {
+    fn shown(&self) -> String {
+        show_name(self.name)
+    }
+
     /// The entry is refused for `reason`.
     fn refuse(&self, reason: impl Into<String>) -> Error {
         Error::Entry {
             layer: self.layer.to_string(),
-            entry: self.entry.to_string(),
+            entry: self.shown(),
             reason: reason.into(),
         }
     }
@@ -108,7 +113,7 @@ impl At<'_> {
     fn io(&self, action: &'static str) -> impl FnOnce(io::Error) -> Error + '_ {
         move |source| Error::EntryIo {
             layer: self.layer.to_string(),
-            entry: self.entry.to_string(),
+            entry: self.shown(),
             action,
             source,
         }
@@ -344,11 +349,7 @@ impl<F: EntryFilter> Applier<F> {
         body: &mut impl Read,
     ) -> Result<()> {
         let name = &header.name[..];
-        let shown = show_name(name);
-        let at = At {
-            layer,
-            entry: &shown,
-        };
+        let at = At { layer, name };
         let refuse = |reason: &str| at.refuse(reason);
         let io_err = |action: &'static str| at.io(action);
         let kind = header.kind;
@@ -450,7 +451,7 @@ impl<F: EntryFilter> Applier<F> {
                 loop {
                     let n = body
                         .read(&mut self.buf)
-                        .map_err(|e| stream_error(layer, Some(&shown), e))?;
+                        .map_err(|e| stream_error(layer, Some(&at.shown()), e))?;
                     if n == 0 {
                         break;
                     }
@@ -508,7 +509,7 @@ impl<F: EntryFilter> Applier<F> {
                 if self.filter.skip(&fsroot::normalize(target)) {
                     return Err(Error::SkippedLinkTarget {
                         layer: layer.to_string(),
-                        entry: shown.clone(),
+                        entry: at.shown(),
                     });
                 }
                 self.hardlink(&at, &rel, &parent_rel, &base, target)?;
