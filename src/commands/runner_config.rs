@@ -163,10 +163,7 @@ pub fn runner_config(
             });
             continue;
         }
-        if add_volumes(runner, &name, &seed, &volumes).map_err(|reason| Error::RunnerConfig {
-            path: config.clone(),
-            reason,
-        })? {
+        if add_volumes(runner, &name, &seed, &volumes, &config)? {
             report.changed.push(name);
         } else {
             report.already_configured.push(name);
@@ -318,14 +315,19 @@ fn same_dir(a: &str, b: &str) -> bool {
     norm(a) == norm(b)
 }
 
-/// Add the missing volumes to one docker runner. `Ok(true)` if it changed,
-/// `Ok(false)` if it already had both, `Err(reason)` on a conflict.
+/// Add the missing volumes to one docker runner of `config`. `Ok(true)` if
+/// it changed, `Ok(false)` if it already had both, an error on a conflict.
 fn add_volumes(
     runner: &mut Table,
     name: &str,
     seed: &Path,
     volumes: &[String],
-) -> std::result::Result<bool, String> {
+    config: &Path,
+) -> Result<bool> {
+    let conflict = |reason: String| Error::RunnerConfig {
+        path: config.to_path_buf(),
+        reason,
+    };
     let indent = key_indent(runner);
     if runner.get("docker").is_none() {
         let mut table = Table::new();
@@ -336,7 +338,9 @@ fn add_volumes(
         .get_mut("docker")
         .and_then(Item::as_table_like_mut)
         .ok_or_else(|| {
-            format!("runner {name}: `docker` is not a table; fix [runners.docker] first")
+            conflict(format!(
+                "runner {name}: `docker` is not a table; fix [runners.docker] first"
+            ))
         })?;
     if docker.get("volumes").is_none() {
         let inner = docker
@@ -354,7 +358,9 @@ fn add_volumes(
         .get_mut("volumes")
         .and_then(Item::as_array_mut)
         .ok_or_else(|| {
-            format!("runner {name}: [runners.docker] volumes is not an array; fix it first")
+            conflict(format!(
+                "runner {name}: [runners.docker] volumes is not an array; fix it first"
+            ))
         })?;
     let mut changed = false;
     for (want, (sub, dest)) in volumes.iter().zip(MOUNTS) {
@@ -371,16 +377,16 @@ fn add_volumes(
             if is_ours && !v.read_only {
                 present = true;
             } else if is_ours {
-                return Err(format!(
+                return Err(conflict(format!(
                     "runner {name} mounts {existing:?} read-only; jobs must write to the store, \
                      so change it to {want:?} (nothing was changed)"
-                ));
+                )));
             } else {
-                return Err(format!(
+                return Err(conflict(format!(
                     "runner {name} already mounts {existing:?} at {dest}; remove that volume \
                      to use {} instead, or leave this runner as it is (nothing was changed)",
                     seed.display()
-                ));
+                )));
             }
         }
         if !present {

@@ -20,6 +20,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::error::{Error, RegistryFailure, Result};
 use crate::registry::credentials::Credentials;
 
 /// When a token response has no `expires_in` (the distribution token spec).
@@ -138,15 +139,16 @@ pub struct Token {
     pub renew_at: Instant,
 }
 
-/// Read a realm's JSON answer, received at `received`.
-pub fn parse_token(body: &[u8], received: Instant) -> Result<Token, String> {
+/// Read the JSON answer of `target`'s token realm, received at `received`.
+pub fn parse_token(target: &str, body: &[u8], received: Instant) -> Result<Token> {
+    let bad = |reason: String| Error::registry(target, RegistryFailure::BadAnswer, reason);
     let resp: TokenResponse = serde_json::from_slice(body)
-        .map_err(|e| format!("the token service's answer is not a token: {e}"))?;
+        .map_err(|e| bad(format!("the token service's answer is not a token: {e}")))?;
     let token = resp
         .token
         .or(resp.access_token)
         .filter(|t| !t.is_empty())
-        .ok_or("the token service's answer holds no token")?;
+        .ok_or_else(|| bad("the token service's answer holds no token".to_string()))?;
     let lifetime = resp
         .expires_in
         .filter(|s| *s > 0)
@@ -233,14 +235,14 @@ mod tests {
     #[test]
     fn token_lifetime_comes_from_expires_in_with_a_margin() {
         let now = Instant::now();
-        let t = parse_token(br#"{"token":"abc","expires_in":300}"#, now).unwrap();
+        let t = parse_token("t", br#"{"token":"abc","expires_in":300}"#, now).unwrap();
         assert_eq!(t.header, "Bearer abc");
         assert_eq!(t.renew_at - now, Duration::from_secs(290));
-        let t = parse_token(br#"{"access_token":"abc","expires_in":3}"#, now).unwrap();
+        let t = parse_token("t", br#"{"access_token":"abc","expires_in":3}"#, now).unwrap();
         assert_eq!(t.renew_at - now, Duration::from_millis(2700));
-        let t = parse_token(br#"{"token":"abc"}"#, now).unwrap();
+        let t = parse_token("t", br#"{"token":"abc"}"#, now).unwrap();
         assert_eq!(t.renew_at - now, Duration::from_secs(54));
-        assert!(parse_token(br#"{"token":""}"#, now).is_err());
-        assert!(parse_token(b"<html>", now).is_err());
+        assert!(parse_token("t", br#"{"token":""}"#, now).is_err());
+        assert!(parse_token("t", b"<html>", now).is_err());
     }
 }

@@ -100,18 +100,18 @@ pub const LOW_SPEED: LowSpeed = LowSpeed {
 pub const LOW_SPEED_ENV: &str = "HYDRAFY_LOW_SPEED";
 
 impl FromStr for LowSpeed {
-    type Err = String;
+    type Err = Error;
 
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self> {
+        let invalid = |reason: &str| Error::invalid(LOW_SPEED_ENV, s, reason);
         let bad = || {
-            "expected BYTES/SECONDS (bytes per second, averaged over seconds), as 1000/30"
-                .to_string()
+            invalid("expected BYTES/SECONDS (bytes per second, averaged over seconds), as 1000/30")
         };
         let (bytes, secs) = s.trim().split_once('/').ok_or_else(bad)?;
         let bytes_per_sec = bytes.trim().parse().map_err(|_| bad())?;
         let secs: u64 = secs.trim().parse().map_err(|_| bad())?;
         if secs == 0 {
-            return Err("the window must be at least 1 second".to_string());
+            return Err(invalid("the window must be at least 1 second"));
         }
         Ok(LowSpeed {
             bytes_per_sec,
@@ -124,9 +124,7 @@ impl LowSpeed {
     /// [`LOW_SPEED_ENV`] when set, else `self`.
     fn or_from_env(self) -> Result<LowSpeed> {
         match std::env::var(LOW_SPEED_ENV) {
-            Ok(v) => v
-                .parse()
-                .map_err(|reason: String| Error::invalid(LOW_SPEED_ENV, v, reason)),
+            Ok(v) => v.parse(),
             Err(_) => Ok(self),
         }
     }
@@ -1063,6 +1061,7 @@ impl Registry {
                 match found {
                     Ok(c) => c,
                     Err(warning) => {
+                        let warning = crate::error::report(&warning);
                         self.reporter
                             .warn(&format!("{warning}; pulling anonymously"));
                         None
@@ -1162,8 +1161,7 @@ impl Registry {
                 },
             ));
         }
-        auth::parse_token(&body, asked)
-            .map_err(|e| Error::registry(target, RegistryFailure::BadAnswer, e))
+        auth::parse_token(&target, &body, asked)
     }
 
     /// The start of an error answer's body, to quote: what arrives of its
@@ -1347,7 +1345,7 @@ fn content_range_start(v: &str) -> Option<u64> {
 }
 
 /// docker's config.json entry for `key`; `Err` is a warning to show.
-fn lookup_credentials(key: &str) -> std::result::Result<Option<Credentials>, String> {
+fn lookup_credentials(key: &str) -> Result<Option<Credentials>> {
     let key = if key == DOCKER_HUB_API_HOST {
         "docker.io"
     } else {
@@ -1569,15 +1567,15 @@ mod tests {
     #[test]
     fn a_low_speed_floor_is_bytes_per_second_over_seconds() {
         assert_eq!(
-            "1000/30".parse(),
-            Ok(LowSpeed {
+            "1000/30".parse::<LowSpeed>().ok(),
+            Some(LowSpeed {
                 bytes_per_sec: 1000,
                 window: Duration::from_secs(30)
             })
         );
         assert_eq!(
-            " 0 / 1 ".parse::<LowSpeed>().map(|l| l.bytes_per_sec),
-            Ok(0)
+            " 0 / 1 ".parse::<LowSpeed>().ok().map(|l| l.bytes_per_sec),
+            Some(0)
         );
         for bad in ["1000", "1000/0", "fast/30", "1000/1.5", "-1/30"] {
             assert!(bad.parse::<LowSpeed>().is_err(), "{bad}");
