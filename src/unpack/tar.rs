@@ -264,7 +264,8 @@ impl<R: Read> Reader<R> {
     }
 
     /// The next entry, skipping what is left of the current one; `None` at
-    /// the end of the archive.
+    /// the end of the archive. After a [`Fault`] the position in the stream
+    /// is undefined: stop reading.
     pub fn next_entry(&mut self) -> Result<Option<Entry<'_, R>>, Fault> {
         self.fault_at = None;
         if self.done {
