@@ -717,6 +717,8 @@ fn a_gnu_volume_header_is_skipped() {
 
 #[test]
 fn pax_times_with_fractions_and_signs_are_read() {
+    // hydrafy read these already; the test pins them with Go as the oracle
+    // (the malformed ones are in go_refusals_are_hydrafy_refusals).
     let timed =
         |name: &[u8], t: &[u8]| [pax(&[("mtime", t)]), Block::ustar(name, b'0').finish()].concat();
     let bytes = archive(&[
@@ -768,8 +770,8 @@ fn more_of_gos_rules() {
 #[test]
 fn go_refusals_are_hydrafy_refusals() {
     // A bad checksum, a zero block then data, a PAX record with a NUL in
-    // the path, a bad PAX number, a negative size: Go fails, and so does
-    // hydrafy, on one line naming the layer.
+    // the path, bad PAX numbers and times, a negative size, a bad octal
+    // field: Go fails, and so does hydrafy, on one line naming the layer.
     let mut bad_sum = file(b"f", b"x");
     bad_sum[148] = b'7';
     let cases = [
@@ -785,6 +787,15 @@ fn go_refusals_are_hydrafy_refusals() {
         (
             "pax-bad-uid",
             archive(&[pax(&[("uid", b"12x")]), file(b"f", b"")]),
+        ),
+        // hydrafy ignored atime and trimmed spaces around an mtime.
+        (
+            "pax-bad-atime",
+            archive(&[pax(&[("atime", b"x")]), file(b"f", b"")]),
+        ),
+        (
+            "pax-spaced-mtime",
+            archive(&[pax(&[("mtime", b" 1")]), file(b"f", b"")]),
         ),
         (
             "negative-size",
