@@ -251,6 +251,12 @@ pub enum Error {
     #[error("{dir}: {reason}", dir = .dir.display())]
     Store { dir: PathBuf, reason: String },
 
+    /// docker's credentials for a registry cannot be read (a failing helper,
+    /// an unreadable config); the pull goes on anonymously, with this as a
+    /// warning.
+    #[error("docker credentials for {registry}: {reason}")]
+    Credentials { registry: String, reason: String },
+
     /// A gitlab-runner `config.toml` hydrafy cannot (or must not) change.
     #[error("{path}: {reason}", path = .path.display())]
     RunnerConfig { path: PathBuf, reason: String },

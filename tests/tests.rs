@@ -7,6 +7,7 @@ mod cli;
 mod differential;
 mod fetch;
 mod gc;
+mod go_tar;
 mod hostile;
 mod image_files;
 mod jobs;

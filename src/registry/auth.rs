@@ -20,6 +20,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::error::Result;
 use crate::registry::credentials::Credentials;
 
 /// When a token response has no `expires_in` (the distribution token spec).

@@ -972,6 +972,7 @@ impl Registry {
                 match found {
                     Ok(c) => c,
                     Err(warning) => {
+                        let warning = crate::error::report(&warning);
                         self.reporter
                             .warn(&format!("{warning}; pulling anonymously"));
                         None
@@ -1262,7 +1263,7 @@ fn content_range_start(v: &str) -> Option<u64> {
 }
 
 /// docker's config.json entry for `key`; `Err` is a warning to show.
-fn lookup_credentials(key: &str) -> std::result::Result<Option<Credentials>, String> {
+fn lookup_credentials(key: &str) -> Result<Option<Credentials>> {
     let key = if key == DOCKER_HUB_API_HOST {
         "docker.io"
     } else {

@@ -14,6 +14,8 @@
 
 use docker_credential::{CredentialRetrievalError, DockerCredential};
 
+use crate::error::{Error, Result};
+
 /// What docker's config holds for one registry.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Credentials {
@@ -56,7 +58,11 @@ const DOCKER_HUB_KEY: &str = "https://index.docker.io/v1/";
 /// `docker.io`, `ghcr.io`, `localhost:5000`). `Ok(None)` means "pull
 /// anonymously"; `Err` is a warning for the user (a broken helper, an
 /// unreadable file), after which the pull also goes on anonymously.
-pub fn lookup(registry: &str) -> Result<Option<Credentials>, String> {
+pub fn lookup(registry: &str) -> Result<Option<Credentials>> {
+    let warning = |reason: String| Error::Credentials {
+        registry: registry.to_string(),
+        reason,
+    };
     // No config file is the common case on build hosts: pull anonymously, say nothing.
     if !config_path().is_some_and(|p| p.is_file()) {
         return Ok(None);
@@ -89,21 +95,20 @@ pub fn lookup(registry: &str) -> Result<Option<Credentials>, String> {
             helper,
             stderr,
             stdout,
-        }) => Err(format!(
-            "{helper} failed for {registry}: {}",
+        }) => Err(warning(format!(
+            "{helper} failed: {}",
             if stderr.trim().is_empty() {
                 stdout.trim()
             } else {
                 stderr.trim()
             }
-        )),
-        Err(CredentialRetrievalError::HelperCommunicationError) => Err(format!(
-            "cannot run the credential helper that docker's config.json names for {registry}; \
+        ))),
+        Err(CredentialRetrievalError::HelperCommunicationError) => Err(warning(
+            "cannot run the credential helper that docker's config.json names; \
              is docker-credential-<name> on PATH?"
+                .to_string(),
         )),
-        Err(e) => Err(format!(
-            "cannot read docker credentials for {registry}: {e}"
-        )),
+        Err(e) => Err(warning(format!("cannot be read: {e}"))),
     }
 }
 

@@ -1,9 +1,10 @@
 //! Applying layer tar streams onto a root, per the OCI image spec.
 //!
-//! The tar crate parses; this module writes. The crate runs in raw mode so
-//! that the extension headers (PAX records, GNU long names) are read here,
-//! with a size cap, instead of being buffered whole by the parser: a hostile
-//! layer could otherwise declare a multi-gigabyte "long name".
+//! [`crate::unpack::tar`] reads each entry as Go's `archive/tar` (docker's
+//! reader) does, extension headers capped at 1 MiB; this module writes.
+//! Entry types it does not write (unknown ones, GNU volume headers, global
+//! PAX headers) are refused or, for the last two, which describe no file,
+//! skipped.
 //!
 //! Whiteouts follow the spec's layer semantics in one streaming pass: the
 //! paths written by the current layer are tracked, a whiteout removes only
@@ -35,13 +36,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
-use tar::EntryType;
 
 use crate::error::{Error, Result};
 use crate::unpack::fsroot::{self, FsRoot, Id, Node, Step};
-
-/// The largest PAX record set or GNU long name accepted (1 MiB).
-pub const MAX_EXTENSION_BYTES: u64 = 1 << 20;
+use crate::unpack::tar::{self, Fault, Header, Kind};
 
 /// The name prefix of a whiteout entry (the OCI image spec's `.wh.`).
 pub const WHITEOUT_PREFIX: &[u8] = b".wh.";
@@ -88,17 +86,36 @@ struct Meta {
     mtime: Option<Timespec>,
 }
 
-/// Header fields from PAX records and GNU long-name entries that apply to the
-/// next real entry.
-#[derive(Default)]
-struct Extensions {
-    path: Option<Vec<u8>>,
-    link: Option<Vec<u8>>,
-    uid: Option<u64>,
-    gid: Option<u64>,
-    mtime: Option<Timespec>,
-    size: Option<u64>,
-    sparse: bool,
+/// The entry being applied, for errors that name it (the name is made
+/// printable only when an error needs it: this is the hot path).
+struct At<'a> {
+    layer: &'a str,
+    name: &'a [u8],
+}
+
+impl At<'_> {
+    fn shown(&self) -> String {
+        show_name(self.name)
+    }
+
+    /// The entry is refused for `reason`.
+    fn refuse(&self, reason: impl Into<String>) -> Error {
+        Error::Entry {
+            layer: self.layer.to_string(),
+            entry: self.shown(),
+            reason: reason.into(),
+        }
+    }
+
+    /// `action` on the entry failed with an I/O error.
+    fn io(&self, action: &'static str) -> impl FnOnce(io::Error) -> Error + '_ {
+        move |source| Error::EntryIo {
+            layer: self.layer.to_string(),
+            entry: self.shown(),
+            action,
+            source,
+        }
+    }
 }
 
 /// What the caller keeps out of the root, and learns of each layer's entries.
@@ -270,58 +287,46 @@ impl<F: EntryFilter> Applier<F> {
     /// The stream is read to its end, past the tar end marker, so that a
     /// caller hashing it sees every byte.
     pub fn apply_layer<R: Read>(&mut self, layer: &str, reader: R) -> Result<()> {
-        let mut archive = tar::Archive::new(reader);
+        let mut archive = tar::Reader::new(reader);
         let mut written = Written::default();
         self.filter.start_layer();
         let skipped_before = self.stats.skipped_special;
         self.parent_cache = None;
-        {
-            let entries = archive
-                .entries()
-                .map_err(|e| stream_error(layer, None, e))?
-                .raw(true);
-            let mut ext = Extensions::default();
-            // A broken stream is reported after the last entry read whole.
-            let mut last: Option<String> = None;
-            for entry in entries {
-                if self
-                    .cancel
-                    .as_ref()
-                    .is_some_and(|c| c.load(Ordering::Relaxed))
-                {
-                    return Err(Error::Interrupted);
-                }
-                let mut entry = entry.map_err(|e| stream_error(layer, last.as_deref(), e))?;
-                let kind = entry.header().entry_type();
-                last = Some(show_name(&entry.header().path_bytes()));
-                match kind {
-                    EntryType::XHeader => {
-                        let data = read_extension(layer, &mut entry)?;
-                        ext.add_pax(layer, &show_name(&entry.header().path_bytes()), &data)?;
-                        continue;
-                    }
-                    EntryType::XGlobalHeader => {
-                        read_extension(layer, &mut entry)?;
-                        continue;
-                    }
-                    EntryType::GNULongName => {
-                        ext.path = Some(trim_nul(read_extension(layer, &mut entry)?));
-                        continue;
-                    }
-                    EntryType::GNULongLink => {
-                        ext.link = Some(trim_nul(read_extension(layer, &mut entry)?));
-                        continue;
-                    }
-                    _ => {}
-                }
-                let ext = std::mem::take(&mut ext);
-                let name = match &ext.path {
-                    Some(p) => p.clone(),
-                    None => entry.header().path_bytes().into_owned(),
-                };
-                last = Some(show_name(&name));
-                self.apply_entry(layer, &mut written, &name, ext, &mut entry)?;
+        // The last entry read, for a stream that breaks after it.
+        let mut last: Vec<u8> = Vec::new();
+        let mut any = false;
+        loop {
+            if self
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Relaxed))
+            {
+                return Err(Error::Interrupted);
             }
+            let mut entry = match archive.next_entry() {
+                Ok(Some(entry)) => entry,
+                Ok(None) => break,
+                Err(fault) => {
+                    let after = any.then(|| show_name(&last));
+                    return Err(match archive.fault_entry() {
+                        Some(name) => Error::Entry {
+                            layer: layer.to_string(),
+                            entry: show_name(name),
+                            reason: fault.to_string(),
+                        },
+                        None => stream_error(layer, after.as_deref(), fault_io(fault)),
+                    });
+                }
+            };
+            last.clear();
+            last.extend_from_slice(&entry.header.name);
+            any = true;
+            // Neither describes a file: a global header's records are for
+            // the archive, a volume header names the tape.
+            if matches!(entry.header.kind, Kind::GLOBAL | Kind::GNU_VOLUME) {
+                continue;
+            }
+            self.apply_entry(layer, &mut written, entry.header, &mut entry.body)?;
         }
         let mut rest = archive.into_inner();
         io::copy(&mut rest, &mut io::sink()).map_err(|e| stream_error(layer, None, e))?;
@@ -334,49 +339,28 @@ impl<F: EntryFilter> Applier<F> {
         Ok(())
     }
 
-    fn apply_entry<R: Read>(
+    fn apply_entry(
         &mut self,
         layer: &str,
         written: &mut Written,
-        name: &[u8],
-        ext: Extensions,
-        entry: &mut tar::Entry<'_, R>,
+        header: &Header,
+        body: &mut impl Read,
     ) -> Result<()> {
-        let shown = show_name(name);
-        let refuse = |reason: &str| Error::Entry {
-            layer: layer.to_string(),
-            entry: shown.clone(),
-            reason: reason.to_string(),
-        };
-        let header = entry.header().clone();
-        let kind = header.entry_type();
+        let name = &header.name[..];
+        let at = At { layer, name };
+        let refuse = |reason: &str| at.refuse(reason);
+        let io_err = |action: &'static str| at.io(action);
+        let kind = header.kind;
+        // Go's reader cuts names at a NUL and refuses a PAX path holding
+        // one; this stays as a guard for whatever reads names differently.
         if name.contains(&0) {
             return Err(refuse("the name holds a NUL byte"));
-        }
-        if ext.sparse || kind == EntryType::GNUSparse {
-            return Err(refuse("sparse files are not supported in image layers"));
-        }
-        if let Some(size) = ext.size
-            && size != entry.size()
-        {
-            return Err(refuse(
-                "a PAX size record that differs from the header is not supported",
-            ));
         }
         let rel = fsroot::normalize(name);
         self.filter.note(&rel);
         if self.filter.skip(&rel) {
             return Ok(());
         }
-        let io_err = |action: &'static str| {
-            let shown = shown.clone();
-            move |source: io::Error| Error::EntryIo {
-                layer: layer.to_string(),
-                entry: shown,
-                action,
-                source,
-            }
-        };
 
         if let Some(base) = rel.file_name().map(OsStr::as_bytes)
             && base.starts_with(WHITEOUT_PREFIX)
@@ -401,9 +385,9 @@ impl<F: EntryFilter> Applier<F> {
                 .map_err(io_err("cannot apply whiteout"));
         }
 
-        let meta = self.meta(&header, &ext).map_err(|reason| refuse(&reason))?;
+        let meta = self.meta(header, &at)?;
         let Some(base) = rel.file_name().map(OsStr::to_os_string) else {
-            if kind == EntryType::Directory {
+            if kind == Kind::DIR {
                 self.dirs.insert(self.root_id, meta);
                 return Ok(());
             }
@@ -412,7 +396,7 @@ impl<F: EntryFilter> Applier<F> {
         let parent_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
 
         match kind {
-            EntryType::Directory => {
+            Kind::DIR => {
                 let parent = self
                     .parent(&parent_rel)
                     .map_err(io_err("cannot create parent directory"))?;
@@ -433,7 +417,7 @@ impl<F: EntryFilter> Applier<F> {
                     .map_err(io_err("cannot open directory"))?;
                 self.dirs.insert(dir, meta);
             }
-            EntryType::Regular | EntryType::Continuous => {
+            Kind::REGULAR | Kind::CONTIGUOUS => {
                 let parent = self
                     .parent(&parent_rel)
                     .map_err(io_err("cannot create parent directory"))?;
@@ -463,9 +447,9 @@ impl<F: EntryFilter> Applier<F> {
                 let mut file = File::from(fd);
                 let mut copied = 0u64;
                 loop {
-                    let n = entry
+                    let n = body
                         .read(&mut self.buf)
-                        .map_err(io_err("cannot read its data from the layer"))?;
+                        .map_err(|e| stream_error(layer, Some(&at.shown()), e))?;
                     if n == 0 {
                         break;
                     }
@@ -478,19 +462,18 @@ impl<F: EntryFilter> Applier<F> {
                 self.stats.files += 1;
                 self.stats.bytes += copied;
             }
-            EntryType::Symlink => {
-                let target = ext
-                    .link
-                    .or_else(|| header.link_name_bytes().map(|l| l.into_owned()))
-                    .filter(|t| !t.is_empty())
-                    .ok_or_else(|| refuse("a symlink with no target"))?;
+            Kind::SYMLINK => {
+                let target = &header.linkname[..];
+                if target.is_empty() {
+                    return Err(refuse("a symlink with no target"));
+                }
                 if target.contains(&0) {
                     return Err(refuse("the symlink target holds a NUL byte"));
                 }
                 let parent = self
                     .parent(&parent_rel)
                     .map_err(io_err("cannot create parent directory"))?;
-                let link = || rustix::fs::symlinkat(OsStr::from_bytes(&target), &parent, &base);
+                let link = || rustix::fs::symlinkat(OsStr::from_bytes(target), &parent, &base);
                 match link() {
                     Err(rustix::io::Errno::EXIST) => {
                         self.remove(&parent, &base)
@@ -516,21 +499,20 @@ impl<F: EntryFilter> Applier<F> {
                 }
                 self.stats.symlinks += 1;
             }
-            EntryType::Link => {
-                let target = ext
-                    .link
-                    .or_else(|| header.link_name_bytes().map(|l| l.into_owned()))
-                    .ok_or_else(|| refuse("a hard link with no target"))?;
-                if self.filter.skip(&fsroot::normalize(&target)) {
+            Kind::LINK => {
+                let target = &header.linkname[..];
+                if target.is_empty() {
+                    return Err(refuse("a hard link with no target"));
+                }
+                if self.filter.skip(&fsroot::normalize(target)) {
                     return Err(Error::SkippedLinkTarget {
                         layer: layer.to_string(),
-                        entry: shown.clone(),
+                        entry: at.shown(),
                     });
                 }
-                self.hardlink(&rel, &parent_rel, &base, &target)
-                    .map_err(|reason| refuse(&reason))?;
+                self.hardlink(&at, &rel, &parent_rel, &base, target)?;
             }
-            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+            Kind::CHAR | Kind::BLOCK | Kind::FIFO => {
                 let parent = self
                     .clear_slot(&parent_rel, &base)
                     .map_err(io_err("cannot make room"))?;
@@ -538,12 +520,13 @@ impl<F: EntryFilter> Applier<F> {
                     self.stats.skipped_special += 1;
                 } else {
                     let file_type = match kind {
-                        EntryType::Char => FileType::CharacterDevice,
-                        EntryType::Block => FileType::BlockDevice,
+                        Kind::CHAR => FileType::CharacterDevice,
+                        Kind::BLOCK => FileType::BlockDevice,
                         _ => FileType::Fifo,
                     };
-                    let major = header.device_major().ok().flatten().unwrap_or(0);
-                    let minor = header.device_minor().ok().flatten().unwrap_or(0);
+                    // Truncated to 32 bits, as docker does.
+                    let major = header.devmajor as u32;
+                    let minor = header.devminor as u32;
                     let dev = rustix::fs::makedev(major, minor);
                     rustix::fs::mknodat(&parent, &base, file_type, Mode::from_raw_mode(0o600), dev)
                         .map_err(|e| io_err("cannot create device node or FIFO")(e.into()))?;
@@ -569,10 +552,10 @@ impl<F: EntryFilter> Applier<F> {
                     }
                 }
             }
-            other => {
+            Kind(other) => {
                 return Err(refuse(&format!(
                     "unsupported tar entry type {:?}",
-                    other.as_byte() as char
+                    other as char
                 )));
             }
         }
@@ -585,39 +568,30 @@ impl<F: EntryFilter> Applier<F> {
         Ok(())
     }
 
-    /// Owner, mode and mtime for an entry, from its header and extensions.
-    fn meta(&self, header: &tar::Header, ext: &Extensions) -> std::result::Result<Meta, String> {
-        let id = |pax: Option<u64>,
-                  raw: io::Result<u64>,
-                  what: &str|
-         -> std::result::Result<u32, String> {
-            let v = match pax {
-                Some(v) => v,
-                None => raw.map_err(|e| format!("unreadable {what}: {e}"))?,
-            };
-            if v >= u64::from(u32::MAX) {
-                return Err(format!("{what} {v} is out of range"));
+    /// Owner, mode and mtime for an entry, from its header.
+    fn meta(&self, header: &Header, at: &At<'_>) -> Result<Meta> {
+        // Go keeps owners as 64-bit signed numbers; a file's are 32-bit, and
+        // u32::MAX is "no change" to chown.
+        let id = |v: i64, what: &str| -> Result<u32> {
+            match u32::try_from(v) {
+                Ok(v) if v != u32::MAX => Ok(v),
+                _ => Err(at.refuse(format!("{what} {v} is out of range"))),
             }
-            Ok(v as u32)
         };
-        let uid = id(ext.uid, header.uid(), "uid")?;
-        let gid = id(ext.gid, header.gid(), "gid")?;
-        let mut mode = header.mode().map_err(|e| format!("unreadable mode: {e}"))? & 0o7777;
+        let uid = id(header.uid, "uid")?;
+        let gid = id(header.gid, "gid")?;
+        let mut mode = (header.mode & 0o7777) as u32;
         if !self.opts.as_root {
             mode &= !0o6000;
         }
-        let mtime = match ext.mtime {
-            Some(t) => Some(t),
-            None => header.mtime().ok().map(|s| Timespec {
-                tv_sec: s.min(i64::MAX as u64) as i64,
-                tv_nsec: 0,
-            }),
-        };
         Ok(Meta {
             mode,
             uid,
             gid,
-            mtime,
+            mtime: Some(Timespec {
+                tv_sec: header.mtime.secs,
+                tv_nsec: header.mtime.nanos.into(),
+            }),
         })
     }
 
@@ -699,53 +673,57 @@ impl<F: EntryFilter> Applier<F> {
 
     fn hardlink(
         &mut self,
+        at: &At<'_>,
         rel: &Path,
         parent_rel: &Path,
         base: &OsStr,
         target: &[u8],
-    ) -> std::result::Result<(), String> {
+    ) -> Result<()> {
         let target_rel = fsroot::normalize(target);
         let shown = show_name(target);
         let Some(target_base) = target_rel.file_name().map(OsStr::to_os_string) else {
-            return Err("a hard link to the root directory".to_string());
+            return Err(at.refuse("a hard link to the root directory"));
         };
-        let exists = |r: &FsRoot, p: &Path, b: &OsStr| -> io::Result<Node> {
-            let dir = r.open_dir(p)?;
-            fsroot::stat_at(&dir, b)
+        let missing = || {
+            at.refuse(format!(
+                "hard link target {shown:?} does not exist in this or a lower layer"
+            ))
         };
         if target_rel == rel {
-            return match exists(&self.root, parent_rel, base) {
+            let dir = self.root.open_dir(parent_rel);
+            return match dir.and_then(|d| fsroot::stat_at(&d, base)) {
                 Ok(Node::Other) => Ok(()),
-                _ => Err("a hard link to itself".to_string()),
+                _ => Err(at.refuse("a hard link to itself")),
             };
         }
         let parent = self
             .parent(parent_rel)
-            .map_err(|e| format!("cannot create parent directory: {e}"))?;
+            .map_err(at.io("cannot create parent directory"))?;
         let target_parent_rel = target_rel.parent().unwrap_or(Path::new(""));
-        let target_parent = self.root.open_dir(target_parent_rel).map_err(|e| {
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-            ) {
-                format!("hard link target {shown:?} does not exist in this or a lower layer")
-            } else {
-                format!("hard link target {shown:?} cannot be reached: {e}")
+        let target_parent = match self.root.open_dir(target_parent_rel) {
+            Ok(dir) => dir,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Err(missing());
             }
-        })?;
-        match fsroot::stat_at(&target_parent, &target_base) {
-            Ok(Node::Other) => {}
-            Ok(Node::Missing) => {
-                return Err(format!(
-                    "hard link target {shown:?} does not exist in this or a lower layer"
-                ));
+            Err(e) => return Err(at.io("cannot reach the hard link target")(e)),
+        };
+        match fsroot::stat_at(&target_parent, &target_base)
+            .map_err(at.io("cannot inspect the hard link target"))?
+        {
+            Node::Other => {}
+            Node::Missing => return Err(missing()),
+            Node::Dir => {
+                return Err(at.refuse(format!("hard link target {shown:?} is a directory")));
             }
-            Ok(Node::Dir) => return Err(format!("hard link target {shown:?} is a directory")),
-            Err(e) => return Err(format!("hard link target {shown:?}: {e}")),
         }
-        if fsroot::stat_at(&parent, base).map_err(|e| e.to_string())? != Node::Missing {
+        if fsroot::stat_at(&parent, base).map_err(at.io("cannot inspect"))? != Node::Missing {
             self.remove(&parent, base)
-                .map_err(|e| format!("cannot replace: {e}"))?;
+                .map_err(at.io("cannot replace"))?;
         }
         rustix::fs::linkat(
             &target_parent,
@@ -754,7 +732,7 @@ impl<F: EntryFilter> Applier<F> {
             base,
             AtFlags::empty(),
         )
-        .map_err(|e| format!("cannot link to {shown:?}: {e}"))?;
+        .map_err(|e| at.io("cannot link to the hard link target")(e.into()))?;
         self.stats.hardlinks += 1;
         Ok(())
     }
@@ -895,100 +873,11 @@ fn stream_error(layer: &str, after: Option<&str>, e: io::Error) -> Error {
     }
 }
 
-fn read_extension<R: Read>(layer: &str, entry: &mut tar::Entry<'_, R>) -> Result<Vec<u8>> {
-    let size = entry.size();
-    if size > MAX_EXTENSION_BYTES {
-        return Err(Error::Entry {
-            layer: layer.to_string(),
-            entry: show_name(&entry.header().path_bytes()),
-            reason: format!(
-                "an extended header of {size} bytes exceeds the {MAX_EXTENSION_BYTES}-byte limit"
-            ),
-        });
-    }
-    let mut data = Vec::with_capacity(size as usize);
-    entry.read_to_end(&mut data).map_err(|e| Error::EntryIo {
-        layer: layer.to_string(),
-        entry: show_name(&entry.header().path_bytes()),
-        action: "cannot read the extended header from the layer",
-        source: e,
-    })?;
-    Ok(data)
-}
-
-fn trim_nul(mut bytes: Vec<u8>) -> Vec<u8> {
-    while bytes.last() == Some(&0) {
-        bytes.pop();
-    }
-    bytes
-}
-
-impl Extensions {
-    fn add_pax(&mut self, layer: &str, header: &str, data: &[u8]) -> Result<()> {
-        let bad = |what: &str| Error::Entry {
-            layer: layer.to_string(),
-            entry: header.to_string(),
-            reason: format!("malformed PAX record: {what}"),
-        };
-        for record in tar::PaxExtensions::new(data) {
-            let record = record.map_err(|_| bad("unparseable record"))?;
-            let key = record.key().map_err(|_| bad("non-UTF-8 key"))?;
-            let value = record.value_bytes();
-            let number = || -> Result<u64> {
-                std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok())
-                    .ok_or_else(|| bad(key))
-            };
-            match key {
-                "path" => self.path = Some(value.to_vec()),
-                "linkpath" => self.link = Some(value.to_vec()),
-                "uid" => self.uid = Some(number()?),
-                "gid" => self.gid = Some(number()?),
-                "size" => self.size = Some(number()?),
-                "mtime" => self.mtime = Some(parse_pax_time(value).ok_or_else(|| bad("mtime"))?),
-                k if k.starts_with("GNU.sparse.") => self.sparse = true,
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A PAX time: decimal seconds with an optional fraction, possibly negative.
-fn parse_pax_time(value: &[u8]) -> Option<Timespec> {
-    let text = std::str::from_utf8(value).ok()?.trim();
-    let (neg, text) = match text.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, text),
-    };
-    let (secs, frac) = text.split_once('.').unwrap_or((text, ""));
-    let secs: i64 = secs.parse().ok()?;
-    if !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
-    let nanos: i64 = digits.parse().ok()?;
-    let (tv_sec, tv_nsec) = match (neg, nanos) {
-        (false, n) => (secs, n),
-        (true, 0) => (-secs, 0),
-        (true, n) => (-secs - 1, 1_000_000_000 - n),
-    };
-    Some(Timespec { tv_sec, tv_nsec })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pax_times_keep_fractions_and_sign() {
-        let t = parse_pax_time(b"1.5").unwrap();
-        assert_eq!((t.tv_sec, t.tv_nsec), (1, 500_000_000));
-        let t = parse_pax_time(b"1700000000").unwrap();
-        assert_eq!((t.tv_sec, t.tv_nsec), (1_700_000_000, 0));
-        let t = parse_pax_time(b"-1.25").unwrap();
-        assert_eq!((t.tv_sec, t.tv_nsec), (-2, 750_000_000));
-        assert!(parse_pax_time(b"1.x").is_none());
+/// A broken stream's fault as the I/O error `Error::Layer` carries.
+fn fault_io(fault: Fault) -> io::Error {
+    match fault {
+        Fault::Io(e) => e,
+        Fault::Truncated => io::Error::new(io::ErrorKind::UnexpectedEof, fault),
+        other => io::Error::new(io::ErrorKind::InvalidData, other),
     }
 }

@@ -9,8 +9,9 @@ pub(crate) mod apply;
 pub(crate) mod decompress;
 pub(crate) mod fsroot;
 pub(crate) mod pipeline;
+pub mod tar;
 
 pub use apply::{Applier, ApplyOptions};
 pub use decompress::decoder;
-pub use fsroot::{FsRoot, Node, remove_tree, stat_at};
+pub use fsroot::{FsRoot, Node, normalize, remove_tree, stat_at};
 pub use pipeline::{LayerInput, unpack};
