@@ -7,7 +7,7 @@ use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
-use crate::support::image::sha256;
+use crate::support::image::{Comp, Image, Media, Pushed, Tar, layer, push, sha256};
 use crate::support::upgrade::{Upgrade, store_path, upgrade};
 use crate::support::{
     TestEnv, assert_fails, assert_no_op, assert_ok, json, listing, nix, seed_fingerprint,
@@ -126,6 +126,20 @@ fn pull_have_state_carries_only_the_changed_layers_and_extract_merge_completes_t
     assert_eq!(notes["io.hydrafy.partial.against"], state_digest.as_str());
     assert_eq!(notes["io.hydrafy.partial.omitted"], shared.join(","));
 
+    // DIR itself (a copy, or mounted) stands for its state file.
+    let out = env.run(&[
+        "pull",
+        "--plain-http",
+        &u.new.reference,
+        "-o",
+        "delta-dir.tar",
+        "--have",
+        "nix-backup",
+        "--json",
+    ]);
+    assert_ok(&out);
+    assert_eq!(json(&out)["partial_against"], state_digest.as_str());
+
     // The far side: the delta merged into the seed it was made against.
     let out = env.run(&["extract", "delta.tar", "--merge", "--json"]);
     assert_ok(&out);
@@ -213,6 +227,72 @@ fn pull_have_an_earlier_archive_leaves_out_the_layers_it_holds() {
         summary["partial_against"],
         sha256(&std::fs::read(env.join("old.tar")).unwrap()).as_str(),
         "made against the earlier archive's sha256"
+    );
+    assert_ok(&env.run(&["extract", "delta.tar", "--merge", "-q"]));
+    assert_holds_both(&env.join("nix-backup"), &u);
+}
+
+/// The old and new images of `u` with one more layer each, the same one:
+/// a file outside the store, as an image's `/etc` layer has.
+fn with_etc_layer(u: &Upgrade) -> (Pushed, Pushed, String) {
+    let mut etc = Tar::new();
+    etc.dir("etc", 0o755)
+        .file("etc/os-release", b"ID=nixos\n", 0o644);
+    let etc = layer(&etc.finish(), Comp::Gzip, Media::Docker);
+    let image = |store: &nix::NixStore, tag: &str| {
+        let mut layers: Vec<_> = nix::layers(store)
+            .iter()
+            .map(|t| layer(t, Comp::Gzip, Media::Docker))
+            .collect();
+        layers.insert(0, etc.clone());
+        push(
+            &u.reg.addr,
+            "nixos/nix",
+            Some(tag),
+            &Image::new(Media::Docker, layers),
+        )
+    };
+    (
+        image(&u.old_store, "old-etc"),
+        image(&u.new_store, "new-etc"),
+        etc.digest.clone(),
+    )
+}
+
+/// A blob the earlier archive holds is left out only when the far side
+/// recorded it, which it does for layers of store paths only: a shared
+/// `/etc` layer is carried, or the far side could not apply the delta.
+#[test]
+fn pull_have_an_earlier_archive_carries_a_shared_layer_that_is_not_only_store_paths() {
+    let u = upgrade();
+    let env = TestEnv::new();
+    let (old, new, etc) = with_etc_layer(&u);
+    assert_ok(&env.run(&[
+        "pull",
+        "--plain-http",
+        &old.reference,
+        "-o",
+        "old.tar",
+        "-q",
+    ]));
+    assert_ok(&env.run(&["extract", "old.tar", "-q"]));
+    let out = env.run(&[
+        "pull",
+        "--plain-http",
+        &new.reference,
+        "-o",
+        "delta.tar",
+        "--have",
+        "old.tar",
+        "--json",
+    ]);
+    assert_ok(&out);
+    assert_eq!(json(&out)["layers_omitted"], u.shared.len());
+    let files = tar_files(&env.join("delta.tar"));
+    let name = format!("blobs/sha256/{}", etc.trim_start_matches("sha256:"));
+    assert!(
+        files.contains_key(&name),
+        "the shared /etc layer is carried"
     );
     assert_ok(&env.run(&["extract", "delta.tar", "--merge", "-q"]));
     assert_holds_both(&env.join("nix-backup"), &u);

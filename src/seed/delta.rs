@@ -2,8 +2,9 @@
 //! carried to it leaves those layers out.
 //!
 //! STATE is what the far side can show of itself: its seed's state file
-//! (`DIR/.hydrafy-state.json`, copied over), or an earlier archive made by
-//! `pull` that it extracted. Which one is told by content, not by name.
+//! (`DIR/.hydrafy-state.json`, copied over, or DIR itself), or an earlier
+//! archive made by `pull` that it extracted. Which one is told by content,
+//! not by name.
 //!
 //! A layer may be left out only where the far side's `--merge` will skip it
 //! anyway: a layer that holds nothing but store paths, all of which the far
@@ -26,7 +27,7 @@ use crate::oci::layout::Archive;
 use crate::oci::manifest::Descriptor;
 use crate::oci::source::{Format, SourceName};
 use crate::seed::layers::StoreLayers;
-use crate::seed::state::State;
+use crate::seed::state::{STATE_FILE, State};
 use crate::ui::progress::Reporter;
 use crate::unpack::apply::EntryFilter;
 use crate::unpack::decoder;
@@ -73,6 +74,11 @@ impl Have {
         if !meta.is_dir() && looks_like_json(path)? {
             return Have::from_state_file(path);
         }
+        // The far side's DIR itself (a copy of it, or mounted): its state file.
+        let in_dir = path.join(STATE_FILE);
+        if meta.is_dir() && in_dir.is_file() {
+            return Have::from_state_file(&in_dir);
+        }
         let name = SourceName {
             path: path.to_path_buf(),
             format: Format::Detect,
@@ -84,7 +90,7 @@ impl Have {
                 input: path.display().to_string(),
                 reason: format!(
                     "is neither a hydrafy state file (DIR/{}) nor an image file made by `hydrafy pull` ({})",
-                    crate::seed::state::STATE_FILE,
+                    STATE_FILE,
                     crate::error::report(&e)
                 ),
             }
@@ -127,7 +133,7 @@ impl Have {
         let state: State = serde_json::from_slice(&bytes).map_err(|e| {
             bad(format!(
                 "is JSON but not a hydrafy state file ({e}); copy DIR/{} from the far side",
-                crate::seed::state::STATE_FILE
+                STATE_FILE
             ))
         })?;
         if !state.is_current_format() {
