@@ -76,10 +76,16 @@ fn pull_have_state_carries_only_the_changed_layers_and_extract_merge_completes_t
         "--have",
         "far-state.json",
         "--json",
+        "--no-cache",
     ]);
     assert_ok(&out);
     let summary = json(&out);
     let (shared, fresh) = shared_and_new_layers(&u);
+    let new_bytes: u64 = fresh.iter().map(|d| blob_size(&u, d)).sum();
+    assert_eq!(
+        summary["bytes_downloaded"], new_bytes,
+        "the layers left out are not even downloaded"
+    );
     assert_eq!(summary["layers_omitted"], shared.len(), "{summary}");
     let omitted_bytes: u64 = shared.iter().map(|d| blob_size(&u, d)).sum();
     assert_eq!(summary["bytes_omitted"], omitted_bytes, "{summary}");
@@ -112,7 +118,6 @@ fn pull_have_state_carries_only_the_changed_layers_and_extract_merge_completes_t
         want,
         "the archive's blobs are the new layers, the manifests and the config"
     );
-    let new_bytes: u64 = fresh.iter().map(|d| blob_size(&u, d)).sum();
     let small = (u.new.body.len() + u.new_manifest.body.len()) as u64
         + blob_size(&u, u.new_manifest.config_digest.as_ref().unwrap());
     assert_eq!(
@@ -380,6 +385,63 @@ fn extract_merge_of_a_delta_whose_omitted_layer_the_seed_lacks_names_it_and_chan
         ],
         "no DIR made and no staging folder left"
     );
+}
+
+/// A new path stored as a hard link into a file of a path the seed holds
+/// (as `nix-store --optimise` leaves an image) makes `--merge` unpack the
+/// whole image, omitted layers too: the delta cannot do, and says why.
+#[test]
+fn extract_merge_of_a_delta_whose_new_path_hard_links_into_an_omitted_layer_names_it() {
+    let u = upgrade();
+    let env = TestEnv::new();
+    far_side(&u, &env);
+    let base = u.shared.iter().find(|p| p.ends_with("-base")).unwrap();
+    let fresh = u
+        .new_only
+        .iter()
+        .find(|p| p.ends_with("-new-only"))
+        .unwrap();
+    let (from, to) = (
+        format!("{fresh}/share/empty"),
+        format!("{base}/share/empty"),
+    );
+    let layers = nix::layers_linking(&u.new_store, Some((&from, &to)))
+        .iter()
+        .map(|t| layer(t, Comp::Gzip, Media::Docker))
+        .collect();
+    let linked = push(
+        &u.reg.addr,
+        "nixos/nix",
+        Some("linked"),
+        &Image::new(Media::Docker, layers),
+    );
+    let out = env.run(&[
+        "pull",
+        "--plain-http",
+        &linked.reference,
+        "-o",
+        "delta.tar",
+        "--have",
+        "far-state.json",
+        "--json",
+    ]);
+    assert_ok(&out);
+    assert_eq!(json(&out)["layers_omitted"], u.shared.len());
+    let seed = env.join("nix-backup");
+    let before = seed_fingerprint(&seed);
+    let out = env.run(&["extract", "delta.tar", "--merge"]);
+    assert_fails(
+        &out,
+        1,
+        &[
+            "delta.tar",
+            &linked.layer_digests[0],
+            "left out",
+            "hard-links",
+            "without --have",
+        ],
+    );
+    assert_eq!(seed_fingerprint(&seed), before, "the seed is unchanged");
 }
 
 #[test]

@@ -78,14 +78,21 @@ pub async fn extract(
     let plan = SkipPlan::new(&out, &resolved)?;
     let apply = ApplyOptions::for_current_user(opts.rootfs);
     let mut attempt = plan.clone();
+    let lacks = format!("{} does not hold all its store paths", out.dir().display());
+    needed_omitted(&archive, &resolved, &plan.layers, &lacks)?;
     let unpacked = loop {
-        needed_omitted(&archive, &resolved, &attempt, &out)?;
         match unpack_archive(
             &archive, &resolved, &staging, apply, &attempt, &reporter, cancel,
         )
         .await
         {
-            Err(Error::SkippedLinkTarget { .. }) if attempt.skips_any() => {
+            Err(Error::SkippedLinkTarget { layer, entry }) if attempt.skips_any() => {
+                // Unpacking it all again needs every layer, the omitted ones too.
+                let none = vec![false; resolved.manifest.layers.len()];
+                let why = format!(
+                    "layer {layer}'s entry {entry:?} hard-links into one of its files, so the whole image must be unpacked"
+                );
+                needed_omitted(&archive, &resolved, &none, &why)?;
                 attempt = without_skips(&resolved, &*reporter);
                 staging.reset_rootfs()?;
             }
@@ -131,14 +138,15 @@ fn partial_refused(opts: &ExtractOptions, partial: &Partial) -> Error {
     }
 }
 
-/// Fail when a layer the partial archive left out is one `plan` must
-/// unpack: the seed lacks some store path it holds (it is not the seed the
-/// archive was made against, or lost paths since).
+/// Fail when a layer the partial archive left out is one that must be
+/// unpacked (`skip` does not skip it), `why` in words: the seed lacks some
+/// store path it holds (it is not the seed the archive was made against, or
+/// lost paths since), or a new path hard-links into it.
 fn needed_omitted(
     archive: &Archive,
     resolved: &ResolvedImage,
-    plan: &SkipPlan,
-    out: &OutputDir,
+    skip: &[bool],
+    why: &str,
 ) -> Result<()> {
     let Some(partial) = archive.partial() else {
         return Ok(());
@@ -147,7 +155,7 @@ fn needed_omitted(
         .manifest
         .layers
         .iter()
-        .zip(&plan.layers)
+        .zip(skip)
         .find(|(l, skip)| !**skip && partial.omitted.contains(&l.digest));
     let Some((layer, _)) = needed else {
         return Ok(());
@@ -156,11 +164,8 @@ fn needed_omitted(
         what: "partial archive",
         input: archive_path(archive),
         reason: format!(
-            "layer {} was left out (the archive was made against {}), but {} does not hold all its store paths, so it is needed; pull the image again with --have {}/{STATE_FILE} from here, or without --have",
-            layer.digest,
-            partial.what,
-            out.dir().display(),
-            out.dir().display()
+            "layer {} was left out (the archive was made against {}), but it is needed: {why}; pull the image again without --have, or with --have the state file of this seed ({STATE_FILE})",
+            layer.digest, partial.what,
         ),
     })
 }
