@@ -10,7 +10,7 @@ use std::process::Command;
 use crate::support::image::{Comp, Image, Media, Pushed, Tar, layer, push, sha256};
 use crate::support::upgrade::{Upgrade, store_path, upgrade};
 use crate::support::{
-    TestEnv, assert_fails, assert_no_op, assert_ok, json, listing, nix, seed_fingerprint,
+    TestEnv, assert_fails, assert_no_op, assert_ok, json, listing, nix, seed_fingerprint, stdout,
 };
 
 /// The far side's seed of the old image in `nix-backup`, and its state file
@@ -337,6 +337,18 @@ fn plain_extract_of_a_partial_archive_is_refused_and_changes_nothing() {
         ],
         "no output and no staging folder"
     );
+    // --list says what the file is.
+    let out = env.run(&["extract", "delta.tar", "--list"]);
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains(&format!("leaves out {} layers", u.shared.len())),
+        "{}",
+        stdout(&out)
+    );
+    let listed = json(&env.run(&["extract", "delta.tar", "--list", "--json"]));
+    let mut shared = shared_and_new_layers(&u).0;
+    shared.sort();
+    assert_eq!(listed["partial"]["omitted"], serde_json::json!(shared));
 }
 
 #[test]

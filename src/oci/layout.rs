@@ -544,6 +544,19 @@ pub struct Listing {
     /// `oci-layout`, `oci-archive` or `docker-archive`.
     pub format: &'static str,
     pub images: Vec<ListedImage>,
+    /// Set for a partial archive (`pull --have`): what it leaves out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partial: Option<ListedPartial>,
+}
+
+/// What `extract --list` says of a partial archive.
+#[derive(Clone, Debug, Serialize)]
+pub struct ListedPartial {
+    /// `sha256:...` of the STATE it was made against, and that STATE in words.
+    pub against: String,
+    pub against_what: String,
+    /// The layer digests left out, sorted.
+    pub omitted: Vec<Digest>,
 }
 
 impl Listing {
@@ -592,6 +605,16 @@ impl Listing {
         }
         if self.images.is_empty() {
             out.push_str(&format!("{}: holds no image\n", self.source));
+        }
+        if let Some(p) = &self.partial {
+            out.push_str(&format!(
+                "{}: partial, made by `pull --have` against {} ({}): leaves out {} {}; extract it with --merge into that seed\n",
+                self.source,
+                p.against_what,
+                p.against,
+                p.omitted.len(),
+                if p.omitted.len() == 1 { "layer" } else { "layers" }
+            ));
         }
         out.trim_end().to_string()
     }
@@ -768,6 +791,15 @@ impl Archive {
                 _ => "oci-archive",
             },
             images,
+            partial: self.partial.as_ref().map(|p| {
+                let mut omitted: Vec<Digest> = p.omitted.iter().copied().collect();
+                omitted.sort_by_key(|d| d.to_string());
+                ListedPartial {
+                    against: p.against.clone(),
+                    against_what: p.what.clone(),
+                    omitted,
+                }
+            }),
         })
     }
 
@@ -1660,6 +1692,7 @@ mod tests {
                     source: "oci:layout:@1".into(),
                 },
             ],
+            partial: None,
         };
         let text = listing.render();
         let lines: Vec<&str> = text.lines().collect();
