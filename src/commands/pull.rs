@@ -231,9 +231,12 @@ pub async fn pull(
                 c["architecture"].as_str().unwrap_or("?")
             ));
         }
-        let rootfs = ImageConfig::parse(&name, &config)?.rootfs;
-        for (l, d) in m.layers.iter().zip(&rootfs.diff_ids) {
-            diff_ids.insert(l.digest, *d);
+        // The far side's records name layers by diff_id, which the config holds.
+        if have.is_some() {
+            let rootfs = ImageConfig::parse(&name, &config)?.rootfs;
+            for (l, d) in m.layers.iter().zip(&rootfs.diff_ids) {
+                diff_ids.insert(l.digest, *d);
+            }
         }
         if seen.insert(m.config.digest) {
             small.push((m.config.digest, config));
@@ -385,6 +388,8 @@ async fn leave_out(
 ) -> Result<(Vec<Descriptor>, Option<(Partial, Vec<Descriptor>)>)> {
     let with_diff: Vec<(Descriptor, Digest)> = layers
         .iter()
+        // A layer the config gives no diff_id is named by its blob digest,
+        // which no record holds: it is carried.
         .map(|l| {
             (
                 l.clone(),

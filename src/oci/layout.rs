@@ -21,6 +21,11 @@
 //! in one tar; where its `index.json` lists no image the file holds, the
 //! `manifest.json` is read, as skopeo does.
 //!
+//! A partial archive (`pull --have`) leaves out layers the far side holds
+//! and says so in `index.json`'s own annotations ([`Partial`]); its reader
+//! does not ask for those blobs, and the caller decides whether it may do
+//! without them.
+//!
 //! Writing keeps the registry's manifest bytes exactly, Docker media types
 //! included, so the pinned digests still verify on the far side. An archive
 //! is written as a stream into a temporary file beside its final name and
