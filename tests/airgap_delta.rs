@@ -482,5 +482,29 @@ fn pull_have_a_file_that_is_no_state_is_refused_in_one_line() {
         "other.json",
     ]);
     assert_fails(&out, 1, &["other.json", "not a hydrafy state file"]);
+    // A --rootfs DIR: --merge cannot complete it.
+    assert_ok(&env.run(&[
+        "fetch",
+        "--plain-http",
+        &u.old.reference,
+        "--rootfs",
+        "-o",
+        "rootfs",
+        "-q",
+    ]));
+    let out = env.run(&[
+        "pull",
+        "--plain-http",
+        &u.new.reference,
+        "-o",
+        "delta.tar",
+        "--have",
+        "rootfs/.hydrafy-state.json",
+    ]);
+    assert_fails(
+        &out,
+        1,
+        &["rootfs/.hydrafy-state.json", "--rootfs", "without --have"],
+    );
     assert!(!env.join("delta.tar").exists());
 }

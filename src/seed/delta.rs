@@ -27,7 +27,7 @@ use crate::oci::layout::Archive;
 use crate::oci::manifest::Descriptor;
 use crate::oci::source::{Format, SourceName};
 use crate::seed::layers::StoreLayers;
-use crate::seed::state::{STATE_FILE, State};
+use crate::seed::state::{Layout, STATE_FILE, State};
 use crate::ui::progress::Reporter;
 use crate::unpack::apply::EntryFilter;
 use crate::unpack::decoder;
@@ -141,6 +141,12 @@ impl Have {
                 "was written by another hydrafy version (format {}); copy it again after running this version there",
                 state.version
             )));
+        }
+        if state.layout != Layout::Nix {
+            return Err(bad(
+                "is the state of a --rootfs DIR, which --merge cannot add to; pull without --have"
+                    .to_string(),
+            ));
         }
         let layers = state.store_layers();
         let paths = state
