@@ -4,112 +4,12 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use crate::support::image::{Comp, Image, Media, Pushed, layer, push, push_index};
-use crate::support::registry::Registry;
+use crate::support::image::{Comp, Image, Media, layer, push};
+use crate::support::upgrade::{Upgrade, store_path, upgrade};
 use crate::support::{
     TestEnv, assert_fails, assert_no_op, assert_ok, fingerprint, listing, nix, seed_fingerprint,
     stdout,
 };
-
-/// Two Nix-layered images made from two real stores that share store paths:
-/// `old` = {base, tools, old-only}, `new` = {base, tools, new-only}.
-struct Upgrade {
-    reg: Registry,
-    old: Pushed,
-    new: Pushed,
-    new_manifest: Pushed,
-    /// The stores the images were made from (their files are read-only).
-    old_store: nix::NixStore,
-    new_store: nix::NixStore,
-    shared: Vec<String>,
-    new_only: Vec<String>,
-    _work: tempfile::TempDir,
-}
-
-fn upgrade() -> Upgrade {
-    let work = tempfile::tempdir().unwrap();
-    let src = |name: &str, bulk: usize| {
-        let dir = work.path().join(format!("src-{name}"));
-        nix::sample_source(&dir, name, bulk);
-        dir
-    };
-    let (base, tools, old_only, new_only) = (
-        src("base", 800),
-        src("tools", 400),
-        src("old-only", 300),
-        src("new-only", 300),
-    );
-    let old = nix::make_store(
-        &work.path().join("old"),
-        &[
-            ("base", base.as_path()),
-            ("tools", tools.as_path()),
-            ("old-only", old_only.as_path()),
-        ],
-    );
-    let new = nix::make_store(
-        &work.path().join("new"),
-        &[
-            ("base", base.as_path()),
-            ("tools", tools.as_path()),
-            ("new-only", new_only.as_path()),
-        ],
-    );
-    let shared: Vec<String> = new
-        .paths
-        .iter()
-        .filter(|p| old.paths.contains(p))
-        .cloned()
-        .collect();
-    let new_only: Vec<String> = new
-        .paths
-        .iter()
-        .filter(|p| !old.paths.contains(p))
-        .cloned()
-        .collect();
-    assert_eq!(
-        shared.len(),
-        4,
-        "the stores share base, tools and their wrappers: {shared:?}"
-    );
-    let reg = Registry::start();
-    let image = |store: &nix::NixStore, tag: &str| {
-        let layers = nix::layers(store)
-            .iter()
-            .map(|t| layer(t, Comp::Gzip, Media::Docker))
-            .collect();
-        let manifest = push(
-            &reg.addr,
-            "nixos/nix",
-            None,
-            &Image::new(Media::Docker, layers),
-        );
-        let index = push_index(
-            &reg.addr,
-            "nixos/nix",
-            Some(tag),
-            Media::Docker,
-            &[&manifest],
-        );
-        (index, manifest)
-    };
-    let ((old_image, _), (new_image, new_manifest)) = (image(&old, "old"), image(&new, "new"));
-    Upgrade {
-        reg,
-        old: old_image,
-        old_store: old,
-        new: new_image,
-        new_manifest,
-        new_store: new,
-        shared,
-        new_only,
-        _work: work,
-    }
-}
-
-fn store_path(seed: &Path, path: &str) -> std::path::PathBuf {
-    seed.join(path.trim_start_matches('/'))
-}
 
 /// The merged `seed` passes `nix-store --verify --check-contents`, and the
 /// new image's paths, the shared ones and the `cached` build are all valid.

@@ -3,6 +3,7 @@
 mod support;
 
 mod airgap;
+mod airgap_delta;
 mod cli;
 mod differential;
 mod fetch;

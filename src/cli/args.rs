@@ -256,6 +256,11 @@ pub struct PullArgs {
     /// Also write a sha256sum line for the archive to this file (check it with `sha256sum -c`).
     #[arg(long, value_name = "FILE")]
     pub checksum: Option<PathBuf>,
+    /// What the far side holds: its seed's state file (DIR/.hydrafy-state.json,
+    /// copied over) or an earlier archive made by `pull`. The archive then
+    /// leaves out the layers it can do without; extract it there with --merge.
+    #[arg(long, value_name = "STATE")]
+    pub have: Option<PathBuf>,
     #[command(flatten)]
     pub registry: RegistryArgs,
     #[command(flatten)]
@@ -506,6 +511,7 @@ impl PullArgs {
             cache: cache_option(self.download.no_cache)?,
             jobs: usize::from(self.download.jobs),
             checksum: self.checksum.clone(),
+            have: self.have.clone(),
         })
     }
 }

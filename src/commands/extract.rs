@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::oci::layout::{Archive, Listing};
+use crate::oci::layout::{Archive, Listing, Partial};
 use crate::oci::platform::Platform;
 use crate::oci::resolve::ResolvedImage;
 use crate::oci::source::{SourceName, shell_word};
@@ -21,7 +21,7 @@ use crate::seed::layers::StoreLayers;
 use crate::seed::output::{Existing, OutputDir, Staging, check_options};
 use crate::seed::publish::Summary;
 use crate::seed::publish::{SkipPlan, Unpacked, already_holds, finish_output, without_skips};
-use crate::seed::state::Layout;
+use crate::seed::state::{Layout, STATE_FILE};
 use crate::ui::cancel::Cancel;
 use crate::ui::progress::Reporter;
 use crate::unpack::apply::{Applier, ApplyOptions};
@@ -62,6 +62,11 @@ pub async fn extract(
     let resolved = archive
         .resolve(&platform, opts.platform.is_some(), &*reporter)
         .map_err(|e| with_output(e, opts))?;
+    if let Some(partial) = archive.partial()
+        && opts.existing != Existing::Merge
+    {
+        return Err(partial_refused(opts, partial));
+    }
     let out = OutputDir::open(&opts.output, opts.existing, layout, &*reporter)?;
     if let Some(summary) = already_holds(&out, &resolved.top_digest, &platform, start)? {
         return Ok(summary);
@@ -73,13 +78,21 @@ pub async fn extract(
     let plan = SkipPlan::new(&out, &resolved)?;
     let apply = ApplyOptions::for_current_user(opts.rootfs);
     let mut attempt = plan.clone();
+    let lacks = format!("{} does not hold all its store paths", out.dir().display());
+    needed_omitted(&archive, &resolved, &plan.layers, &lacks)?;
     let unpacked = loop {
         match unpack_archive(
             &archive, &resolved, &staging, apply, &attempt, &reporter, cancel,
         )
         .await
         {
-            Err(Error::SkippedLinkTarget { .. }) if attempt.skips_any() => {
+            Err(Error::SkippedLinkTarget { layer, entry }) if attempt.skips_any() => {
+                // Unpacking it all again needs every layer, the omitted ones too.
+                let none = vec![false; resolved.manifest.layers.len()];
+                let why = format!(
+                    "layer {layer}'s entry {entry:?} hard-links into one of its files, so the whole image must be unpacked"
+                );
+                needed_omitted(&archive, &resolved, &none, &why)?;
                 attempt = without_skips(&resolved, &*reporter);
                 staging.reset_rootfs()?;
             }
@@ -96,6 +109,69 @@ pub async fn extract(
         cancel,
         start,
     )
+}
+
+/// A partial archive (`pull --have`) is refused without `--merge`: it holds
+/// only what the seed it was made against lacks.
+fn partial_refused(opts: &ExtractOptions, partial: &Partial) -> Error {
+    let mut command = format!(
+        "hydrafy extract {} --merge -o DIR",
+        shell_word(&opts.source.to_string())
+    );
+    if let Some(p) = &opts.platform {
+        command.push_str(&format!(" --platform {p}"));
+    }
+    Error::Archive {
+        what: "partial archive",
+        input: opts.source.path.display().to_string(),
+        reason: format!(
+            "leaves out {} {} (made by `pull --have` against {}, {}); merge it into that seed: `{command}`",
+            partial.omitted.len(),
+            if partial.omitted.len() == 1 {
+                "layer"
+            } else {
+                "layers"
+            },
+            partial.what,
+            partial.against
+        ),
+    }
+}
+
+/// Fail when a layer the partial archive left out is one that must be
+/// unpacked (`skip` does not skip it), `why` in words: the seed lacks some
+/// store path it holds (it is not the seed the archive was made against, or
+/// lost paths since), or a new path hard-links into it.
+fn needed_omitted(
+    archive: &Archive,
+    resolved: &ResolvedImage,
+    skip: &[bool],
+    why: &str,
+) -> Result<()> {
+    let Some(partial) = archive.partial() else {
+        return Ok(());
+    };
+    let needed = resolved
+        .manifest
+        .layers
+        .iter()
+        .zip(skip)
+        .find(|(l, skip)| !**skip && partial.omitted.contains(&l.digest));
+    let Some((layer, _)) = needed else {
+        return Ok(());
+    };
+    Err(Error::Archive {
+        what: "partial archive",
+        input: archive_path(archive),
+        reason: format!(
+            "layer {} was left out (the archive was made against {}), but it is needed: {why}; pull the image again without --have, or with --have the state file of this seed ({STATE_FILE})",
+            layer.digest, partial.what,
+        ),
+    })
+}
+
+fn archive_path(archive: &Archive) -> String {
+    archive.source().display().to_string()
 }
 
 /// Unpack the archive's layers into the staging root, as `plan` allows.

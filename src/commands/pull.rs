@@ -8,6 +8,11 @@
 //! and `index.json` naming the reference in `org.opencontainers.image.ref.name`.
 //! Manifests are kept byte for byte, so the pinned digest verifies on the far
 //! side; media types are never converted.
+//!
+//! With `--have STATE` (the far side's state file, or an earlier archive it
+//! extracted) the archive is partial: it leaves out the layers the far side
+//! can do without ([`crate::seed::delta`] says which), and its `index.json`
+//! says so, so that only `extract --merge` into that seed takes it.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -21,11 +26,12 @@ use crate::blobs::download::{config_blob, download_blobs};
 use crate::blobs::store::BlobStore;
 use crate::error::{Error, RegistryFailure, Result};
 use crate::oci::digest::Digest;
-use crate::oci::layout::{BlobData, LayoutContent};
-use crate::oci::manifest::{Descriptor, MAX_CONFIG_BYTES, Manifest};
+use crate::oci::layout::{BlobData, LayoutContent, Partial};
+use crate::oci::manifest::{Descriptor, ImageConfig, MAX_CONFIG_BYTES, Manifest};
 use crate::oci::platform::Platform;
 use crate::oci::reference::ImageRef;
 use crate::registry::client::{Registry, RegistryOptions};
+use crate::seed::delta::Have;
 use crate::ui::cancel::Cancel;
 use crate::ui::progress::Reporter;
 use crate::unpack::fsroot;
@@ -43,6 +49,9 @@ pub struct PullOptions {
     pub jobs: usize,
     /// Write a `sha256sum`-style line for the archive here.
     pub checksum: Option<PathBuf>,
+    /// What the far side holds (its state file, or an earlier archive):
+    /// leave out the layers it can do without.
+    pub have: Option<PathBuf>,
 }
 
 /// What `pull` wrote.
@@ -62,14 +71,34 @@ pub struct PullSummary {
     pub seconds: f64,
     /// The command to run on the air-gapped host.
     pub extract_command: String,
+    /// With `--have`: the layers left out, their bytes, and the sha256 of
+    /// the STATE they were left out against.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partial_against: Option<String>,
+    pub layers_omitted: usize,
+    pub bytes_omitted: u64,
 }
 
 impl PullSummary {
     /// The line a finished pull ends with: what it wrote, how long it took,
     /// and what to run on the air-gapped host.
     pub fn line(&self) -> String {
+        let omitted = if self.partial_against.is_some() {
+            format!(
+                " ({} {} of {:.1} MB left out: the far side has them)",
+                self.layers_omitted,
+                if self.layers_omitted == 1 {
+                    "layer"
+                } else {
+                    "layers"
+                },
+                self.bytes_omitted as f64 / 1e6
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "wrote {} ({}, {}): {}, {} blobs, {:.1} MB, in {:.1} s; on the air-gapped host run: {}",
+            "wrote {} ({}, {}): {}, {} blobs, {:.1} MB{omitted}, in {:.1} s; on the air-gapped host run: {}",
             self.output.display(),
             self.format,
             self.platforms.join(", "),
@@ -104,6 +133,11 @@ pub async fn pull(
             reason: "exists and is not empty; choose another -o or remove it".to_string(),
         });
     }
+    // Before any network work: a bad STATE is named at once.
+    let have = match &opts.have {
+        Some(path) => Some(read_have(path, &opts.output, cancel, &reporter).await?),
+        None => None,
+    };
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
     let registry = Arc::new(Registry::new(
         &image,
@@ -165,6 +199,7 @@ pub async fn pull(
     small.push((top.digest, top.bytes));
 
     let mut layers = Vec::new();
+    let mut diff_ids: HashMap<Digest, Digest> = HashMap::new();
     let mut seen = HashSet::new();
     let mut platforms = Vec::new();
     for (desc, offered) in &images {
@@ -196,6 +231,13 @@ pub async fn pull(
                 c["architecture"].as_str().unwrap_or("?")
             ));
         }
+        // The far side's records name layers by diff_id, which the config holds.
+        if have.is_some() {
+            let rootfs = ImageConfig::parse(&name, &config)?.rootfs;
+            for (l, d) in m.layers.iter().zip(&rootfs.diff_ids) {
+                diff_ids.insert(l.digest, *d);
+            }
+        }
         if seen.insert(m.config.digest) {
             small.push((m.config.digest, config));
         }
@@ -204,6 +246,25 @@ pub async fn pull(
                 layers.push(l);
             }
         }
+    }
+    let (layers, omitted) = match have {
+        Some(have) => leave_out(have, layers, &diff_ids, cancel).await?,
+        None => (layers, None),
+    };
+    if opts.have.is_some() && omitted.is_none() {
+        reporter.info("the far side holds none of the image's layers; writing the whole image");
+    }
+    if let Some((_, left_out)) = &omitted {
+        reporter.info(&format!(
+            "leaving out {} {} ({:.1} MB) the far side has",
+            left_out.len(),
+            if left_out.len() == 1 {
+                "layer"
+            } else {
+                "layers"
+            },
+            left_out.iter().map(|l| l.size).sum::<u64>() as f64 / 1e6
+        ));
     }
     reporter.info(&format!(
         "{} ({}): {} blobs, {:.1} MB",
@@ -241,8 +302,14 @@ pub async fn pull(
         blobs.push((l.digest, BlobData::File(paths_get(&paths, &l.digest)?)));
     }
     let ref_name = image.pinned(top.digest).to_string();
+    let annotations = match &omitted {
+        Some((partial, left_out)) => {
+            partial.annotations(&left_out.iter().map(|l| l.digest).collect::<Vec<_>>())
+        }
+        None => Vec::new(),
+    };
     let content = LayoutContent {
-        index_json: LayoutContent::index_json(&top_desc, &ref_name),
+        index_json: LayoutContent::index_json(&top_desc, &ref_name, &annotations),
         blobs,
     };
     let blob_count = content.blobs.len();
@@ -264,12 +331,14 @@ pub async fn pull(
     };
     drop(temp_store);
     let shown = opts.output.display();
+    // A partial archive completes the seed it was made against, only by merging.
+    let merge = if omitted.is_some() { " --merge" } else { "" };
     let extract_command = match &opts.checksum {
         Some(sum) => format!(
-            "sha256sum -c {} && hydrafy extract {shown} -o nix-backup",
+            "sha256sum -c {} && hydrafy extract {shown}{merge} -o nix-backup",
             sum.display()
         ),
-        None => format!("hydrafy extract {shown} -o nix-backup"),
+        None => format!("hydrafy extract {shown}{merge} -o nix-backup"),
     };
     reporter.finish();
     Ok(PullSummary {
@@ -284,7 +353,76 @@ pub async fn pull(
         sha256,
         seconds: start.elapsed().as_secs_f64(),
         extract_command,
+        partial_against: omitted.as_ref().map(|(p, _)| p.against.clone()),
+        layers_omitted: omitted.as_ref().map_or(0, |(_, l)| l.len()),
+        bytes_omitted: omitted
+            .as_ref()
+            .map_or(0, |(_, l)| l.iter().map(|l| l.size).sum()),
     })
+}
+
+/// Read `--have STATE` off the async threads: an archive may need decompressing.
+async fn read_have(
+    path: &Path,
+    output: &Path,
+    cancel: &Cancel,
+    reporter: &Arc<dyn Reporter>,
+) -> Result<Have> {
+    let scratch = match output.parent() {
+        Some(p) if p.is_dir() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let (path, flag, reporter) = (path.to_path_buf(), cancel.flag(), Arc::clone(reporter));
+    tokio::task::spawn_blocking(move || Have::read(&path, &scratch, &flag, &*reporter))
+        .await
+        .expect("--have thread panicked")
+}
+
+/// Split `layers` into those to carry and those the far side has, with
+/// what the archive will say of the ones left out.
+async fn leave_out(
+    have: Have,
+    layers: Vec<Descriptor>,
+    diff_ids: &HashMap<Digest, Digest>,
+    cancel: &Cancel,
+) -> Result<(Vec<Descriptor>, Option<(Partial, Vec<Descriptor>)>)> {
+    let with_diff: Vec<(Descriptor, Digest)> = layers
+        .iter()
+        // A layer the config gives no diff_id is named by its blob digest,
+        // which no record holds: it is carried.
+        .map(|l| {
+            (
+                l.clone(),
+                diff_ids.get(&l.digest).copied().unwrap_or(l.digest),
+            )
+        })
+        .collect();
+    let flag = cancel.flag();
+    let (have, omits) = tokio::task::spawn_blocking(move || {
+        let omits = have.omits(&with_diff, &flag);
+        (have, omits)
+    })
+    .await
+    .expect("--have thread panicked");
+    let omits = omits?;
+    let (mut carried, mut left_out) = (Vec::new(), Vec::new());
+    for (l, omit) in layers.into_iter().zip(omits) {
+        if omit {
+            left_out.push(l);
+        } else {
+            carried.push(l);
+        }
+    }
+    if left_out.is_empty() {
+        // Nothing left out: a whole archive, which any extract takes.
+        return Ok((carried, None));
+    }
+    let partial = Partial {
+        against: have.against.to_string(),
+        what: have.what,
+        omitted: left_out.iter().map(|l| l.digest).collect(),
+    };
+    Ok((carried, Some((partial, left_out))))
 }
 
 fn paths_get(paths: &HashMap<Digest, PathBuf>, digest: &Digest) -> Result<PathBuf> {

@@ -21,6 +21,11 @@
 //! in one tar; where its `index.json` lists no image the file holds, the
 //! `manifest.json` is read, as skopeo does.
 //!
+//! A partial archive (`pull --have`) leaves out layers the far side holds
+//! and says so in `index.json`'s own annotations ([`Partial`]); its reader
+//! does not ask for those blobs, and the caller decides whether it may do
+//! without them.
+//!
 //! Writing keeps the registry's manifest bytes exactly, Docker media types
 //! included, so the pinned digests still verify on the far side. An archive
 //! is written as a stream into a temporary file beside its final name and
@@ -58,6 +63,80 @@ const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 const MAX_ENTRIES: usize = 1_000_000;
 /// Helm's chart config media type.
 const HELM_CONFIG: &str = "application/vnd.cncf.helm.config.v1+json";
+
+/// `index.json` annotation: `"true"` when `pull --have` left layers out.
+pub const PARTIAL: &str = "io.hydrafy.partial";
+/// `index.json` annotation: the sha256 of the STATE the archive was made against.
+pub const PARTIAL_AGAINST: &str = "io.hydrafy.partial.against";
+/// `index.json` annotation: what that STATE was, in words.
+pub const PARTIAL_AGAINST_WHAT: &str = "io.hydrafy.partial.against.what";
+/// `index.json` annotation: the digests of the layers left out, comma-separated.
+pub const PARTIAL_OMITTED: &str = "io.hydrafy.partial.omitted";
+
+/// What a partial archive (`pull --have`) says of itself in `index.json`:
+/// the layers it leaves out, because the far side holds their store paths.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Partial {
+    /// `sha256:...` of the STATE it was made against.
+    pub against: String,
+    /// That STATE, in words.
+    pub what: String,
+    /// The layer blobs left out.
+    pub omitted: HashSet<Digest>,
+}
+
+impl Partial {
+    /// The annotations that say so, for `index.json`.
+    pub fn annotations(&self, omitted_in_order: &[Digest]) -> Vec<(String, String)> {
+        let list: Vec<String> = omitted_in_order.iter().map(Digest::to_string).collect();
+        vec![
+            (PARTIAL.to_string(), "true".to_string()),
+            (PARTIAL_AGAINST.to_string(), self.against.clone()),
+            (PARTIAL_AGAINST_WHAT.to_string(), self.what.clone()),
+            (PARTIAL_OMITTED.to_string(), list.join(",")),
+        ]
+    }
+
+    /// Read from `index.json`'s own annotations; `None` for a whole archive.
+    fn from_index(source: &str, index_json: &[u8]) -> Result<Option<Partial>> {
+        #[derive(Deserialize)]
+        struct Top {
+            #[serde(default)]
+            annotations: HashMap<String, String>,
+        }
+        let Ok(top) = serde_json::from_slice::<Top>(index_json) else {
+            return Ok(None);
+        };
+        let a = top.annotations;
+        if a.get(PARTIAL).map(String::as_str) != Some("true") {
+            return Ok(None);
+        }
+        let omitted = a
+            .get(PARTIAL_OMITTED)
+            .map(String::as_str)
+            .unwrap_or_default()
+            .split(',')
+            .filter(|d| !d.is_empty())
+            .map(|d| {
+                d.parse::<Digest>().map_err(|_| Error::Archive {
+                    what: "partial archive",
+                    input: source.to_string(),
+                    reason: format!(
+                        "index.json annotation {PARTIAL_OMITTED} names {d:?}, which is not a digest; the archive is damaged, pull it again"
+                    ),
+                })
+            })
+            .collect::<Result<HashSet<Digest>>>()?;
+        Ok(Some(Partial {
+            against: a.get(PARTIAL_AGAINST).cloned().unwrap_or_default(),
+            what: a
+                .get(PARTIAL_AGAINST_WHAT)
+                .cloned()
+                .unwrap_or_else(|| "an unnamed state".to_string()),
+            omitted,
+        }))
+    }
+}
 
 #[derive(Clone, Debug)]
 enum Entry {
@@ -470,6 +549,19 @@ pub struct Listing {
     /// `oci-layout`, `oci-archive` or `docker-archive`.
     pub format: &'static str,
     pub images: Vec<ListedImage>,
+    /// Set for a partial archive (`pull --have`): what it leaves out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partial: Option<ListedPartial>,
+}
+
+/// What `extract --list` says of a partial archive.
+#[derive(Clone, Debug, Serialize)]
+pub struct ListedPartial {
+    /// `sha256:...` of the STATE it was made against, and that STATE in words.
+    pub against: String,
+    pub against_what: String,
+    /// The layer digests left out, sorted.
+    pub omitted: Vec<Digest>,
 }
 
 impl Listing {
@@ -519,6 +611,16 @@ impl Listing {
         if self.images.is_empty() {
             out.push_str(&format!("{}: holds no image\n", self.source));
         }
+        if let Some(p) = &self.partial {
+            out.push_str(&format!(
+                "{}: partial, made by `pull --have` against {} ({}): leaves out {} {}; extract it with --merge into that seed\n",
+                self.source,
+                p.against_what,
+                p.against,
+                p.omitted.len(),
+                if p.omitted.len() == 1 { "layer" } else { "layers" }
+            ));
+        }
         out.trim_end().to_string()
     }
 }
@@ -528,6 +630,8 @@ pub struct Archive {
     files: Arc<Files>,
     name: SourceName,
     view: View,
+    /// Set when `pull --have` made the file and left layers out.
+    partial: Option<Partial>,
 }
 
 impl Archive {
@@ -589,11 +693,53 @@ impl Archive {
                 ));
             }
         };
+        let partial = match view {
+            View::Oci(_) => {
+                Partial::from_index(&input, &files.read("index.json", MAX_MANIFEST_BYTES)?)?
+            }
+            View::Docker(_) => None,
+        };
         Ok(Archive {
             files: Arc::new(files),
             name: name.clone(),
             view,
+            partial,
         })
+    }
+
+    /// The file or directory read.
+    pub fn source(&self) -> &Path {
+        self.files.source()
+    }
+
+    /// What the file says it leaves out, when `pull --have` made it.
+    pub fn partial(&self) -> Option<&Partial> {
+        self.partial.as_ref()
+    }
+
+    /// The blobs (`blobs/sha256/<hex>`) the file holds.
+    pub fn blob_digests(&self) -> HashSet<Digest> {
+        let names: Vec<String> = match &*self.files {
+            Files::Dir(dir) => fs::read_dir(dir.join("blobs/sha256"))
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .map(|e| format!("blobs/sha256/{}", e.file_name().to_string_lossy()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            Files::Tar { entries, .. } => entries.keys().cloned().collect(),
+        };
+        names
+            .iter()
+            .filter_map(|n| n.strip_prefix("blobs/sha256/"))
+            .filter_map(|hex| format!("sha256:{hex}").parse().ok())
+            .filter(|d| self.files.has_blob(d))
+            .collect()
+    }
+
+    /// A stream over the blob `digest` (unverified: the caller hashes it).
+    pub fn blob_stream(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+        self.files.stream(&blob_name(digest)).map(|(r, _)| r)
     }
 
     /// The format this file is read as, for the names that pick its images.
@@ -650,6 +796,15 @@ impl Archive {
                 _ => "oci-archive",
             },
             images,
+            partial: self.partial.as_ref().map(|p| {
+                let mut omitted: Vec<Digest> = p.omitted.iter().copied().collect();
+                omitted.sort_by_key(|d| d.to_string());
+                ListedPartial {
+                    against: p.against.clone(),
+                    against_what: p.what.clone(),
+                    omitted,
+                }
+            }),
         })
     }
 
@@ -901,8 +1056,9 @@ impl Archive {
             explicit,
             reporter,
         })?;
+        let omitted = |d: &Digest| self.partial.as_ref().is_some_and(|p| p.omitted.contains(d));
         for layer in &resolved.manifest.layers {
-            if !self.files.has_blob(&layer.digest) {
+            if !self.files.has_blob(&layer.digest) && !omitted(&layer.digest) {
                 return Err(Error::Archive {
                     what: "image archive",
                     input: source,
@@ -1299,8 +1455,13 @@ pub struct LayoutContent {
 }
 
 impl LayoutContent {
-    /// An `index.json` naming one image (`top`) by `ref_name`.
-    pub fn index_json(top: &Descriptor, ref_name: &str) -> Vec<u8> {
+    /// An `index.json` naming one image (`top`) by `ref_name`, with
+    /// `annotations` of its own (a partial archive says so there).
+    pub fn index_json(
+        top: &Descriptor,
+        ref_name: &str,
+        annotations: &[(String, String)],
+    ) -> Vec<u8> {
         let mut entry = serde_json::to_value(Descriptor {
             platform: None,
             urls: None,
@@ -1309,11 +1470,18 @@ impl LayoutContent {
         })
         .expect("descriptor serialises");
         entry["annotations"] = serde_json::json!({ REF_NAME: ref_name });
-        let index = serde_json::json!({
+        let mut index = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": manifest::media::OCI_INDEX,
             "manifests": [entry],
         });
+        if !annotations.is_empty() {
+            let own: serde_json::Map<String, serde_json::Value> = annotations
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            index["annotations"] = serde_json::Value::Object(own);
+        }
         let mut bytes = serde_json::to_vec_pretty(&index).expect("index serialises");
         bytes.push(b'\n');
         bytes
@@ -1443,6 +1611,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_partial_archive_says_so_in_index_json_and_is_read_back() {
+        let layer = Digest::of(b"layer");
+        let top = Descriptor {
+            media_type: manifest::media::OCI_INDEX.to_string(),
+            digest: Digest::of(b"index"),
+            size: 5,
+            platform: None,
+            urls: None,
+            annotations: None,
+        };
+        let partial = Partial {
+            against: Digest::of(b"state").to_string(),
+            what: "the state file of a seed holding x".to_string(),
+            omitted: HashSet::from([layer]),
+        };
+        let bytes = LayoutContent::index_json(&top, "x", &partial.annotations(&[layer]));
+        assert_eq!(Partial::from_index("f", &bytes).unwrap(), Some(partial));
+        let whole = LayoutContent::index_json(&top, "x", &[]);
+        assert_eq!(Partial::from_index("f", &whole).unwrap(), None);
+        let mut damaged: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        damaged["annotations"][PARTIAL_OMITTED] = "sha256:nope".into();
+        let err = Partial::from_index("f", &serde_json::to_vec(&damaged).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("sha256:nope"), "{err}");
+    }
+
+    #[test]
     fn an_entry_is_named_by_its_ref_name_or_its_image_name_however_spelled() {
         let hex = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
         let entry = |annotations: &[(&str, &str)]| Listed {
@@ -1503,6 +1697,7 @@ mod tests {
                     source: "oci:layout:@1".into(),
                 },
             ],
+            partial: None,
         };
         let text = listing.render();
         let lines: Vec<&str> = text.lines().collect();

@@ -131,6 +131,11 @@ impl State {
         }
     }
 
+    /// Is this the state file format this hydrafy writes?
+    pub fn is_current_format(&self) -> bool {
+        self.version == VERSION
+    }
+
     /// Read `dir`'s state file; `Ok(None)` when there is none.
     pub fn read(dir: &Path) -> Result<Option<State>> {
         let path = dir.join(STATE_FILE);

@@ -10,6 +10,7 @@ pub mod proxy;
 pub mod registry;
 pub mod tls;
 pub mod token;
+pub mod upgrade;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
