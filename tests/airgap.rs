@@ -5,7 +5,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::image::{Comp, Image, Media, Pushed, Tar, layer, push, push_index, sha256};
+use crate::support::image::{
+    Comp, Image, Media, Pushed, Tar, layer, push, push_index, push_two_platforms, sha256,
+};
 use crate::support::proxy::{Action, Proxy};
 use crate::support::registry::Registry;
 use crate::support::{
@@ -387,21 +389,7 @@ fn a_corrupted_missing_or_foreign_archive_is_refused_and_dir_untouched() {
 #[test]
 fn pull_keeps_one_platform_or_all_of_them() {
     let reg = Registry::start();
-    let make = |arch: &str| {
-        let mut t = Tar::new();
-        t.file("arch", arch.as_bytes(), 0o644);
-        let mut image = Image::new(Media::Oci, vec![layer(&t.finish(), Comp::Gzip, Media::Oci)]);
-        image.arch = arch.into();
-        push(&reg.addr, "multi", None, &image)
-    };
-    let (amd, arm) = (make("amd64"), make("arm64"));
-    let index = push_index(
-        &reg.addr,
-        "multi",
-        Some("latest"),
-        Media::Oci,
-        &[&amd, &arm],
-    );
+    let (index, amd, arm) = push_two_platforms(&reg.addr, "multi");
     let env = TestEnv::new();
     assert_ok(&env.run(&["pull", "--plain-http", &index.reference, "-o", "one", "-q"]));
     assert_ok(&env.run(&[

@@ -22,6 +22,37 @@ fn far_side(u: &Upgrade, env: &TestEnv) -> std::path::PathBuf {
     state
 }
 
+/// The test's folder holds only what the far side started with and the
+/// delta: no DIR made, no staging folder left.
+fn assert_only_inputs(dir: &Path, what: &str) {
+    assert_eq!(
+        listing(dir),
+        [
+            "cache",
+            "delta.tar",
+            "docker",
+            "far-state.json",
+            "home",
+            "nix-backup"
+        ],
+        "{what}"
+    );
+}
+
+/// `pull` the new image against the far side's state, into `delta.tar`.
+fn pull_delta(u: &Upgrade, env: &TestEnv) {
+    assert_ok(&env.run(&[
+        "pull",
+        "--plain-http",
+        &u.new.reference,
+        "-o",
+        "delta.tar",
+        "--have",
+        "far-state.json",
+        "-q",
+    ]));
+}
+
 /// The size of a blob the registry holds.
 fn blob_size(u: &Upgrade, digest: &str) -> u64 {
     std::fs::metadata(u.reg.blob_data(digest)).unwrap().len()
@@ -308,16 +339,7 @@ fn plain_extract_of_a_partial_archive_is_refused_and_changes_nothing() {
     let u = upgrade();
     let env = TestEnv::new();
     far_side(&u, &env);
-    assert_ok(&env.run(&[
-        "pull",
-        "--plain-http",
-        &u.new.reference,
-        "-o",
-        "delta.tar",
-        "--have",
-        "far-state.json",
-        "-q",
-    ]));
+    pull_delta(&u, &env);
     let seed = env.join("nix-backup");
     let before = seed_fingerprint(&seed);
     let out = env.run(&["extract", "delta.tar", "-o", "fresh"]);
@@ -325,18 +347,7 @@ fn plain_extract_of_a_partial_archive_is_refused_and_changes_nothing() {
     let out = env.run(&["extract", "delta.tar", "--replace"]);
     assert_fails(&out, 1, &["delta.tar", "partial archive", "--merge"]);
     assert_eq!(seed_fingerprint(&seed), before, "the seed is unchanged");
-    assert_eq!(
-        listing(env.path()),
-        [
-            "cache",
-            "delta.tar",
-            "docker",
-            "far-state.json",
-            "home",
-            "nix-backup"
-        ],
-        "no output and no staging folder"
-    );
+    assert_only_inputs(env.path(), "no output and no staging folder");
     // --list says what the file is.
     let out = env.run(&["extract", "delta.tar", "--list"]);
     assert_ok(&out);
@@ -356,16 +367,7 @@ fn extract_merge_of_a_delta_whose_omitted_layer_the_seed_lacks_names_it_and_chan
     let u = upgrade();
     let env = TestEnv::new();
     far_side(&u, &env);
-    assert_ok(&env.run(&[
-        "pull",
-        "--plain-http",
-        &u.new.reference,
-        "-o",
-        "delta.tar",
-        "--have",
-        "far-state.json",
-        "-q",
-    ]));
+    pull_delta(&u, &env);
     // Since the state was copied, the far side lost a shared path.
     let seed = env.join("nix-backup");
     let lost = u.shared.iter().position(|p| p.ends_with("-tools")).unwrap();
@@ -385,18 +387,7 @@ fn extract_merge_of_a_delta_whose_omitted_layer_the_seed_lacks_names_it_and_chan
         1,
         &["delta.tar", &u.new_manifest.layer_digests[0], "left out"],
     );
-    assert_eq!(
-        listing(env.path()),
-        [
-            "cache",
-            "delta.tar",
-            "docker",
-            "far-state.json",
-            "home",
-            "nix-backup"
-        ],
-        "no DIR made and no staging folder left"
-    );
+    assert_only_inputs(env.path(), "no DIR made and no staging folder left");
 }
 
 /// A new path stored as a hard link into a file of a path the seed holds
@@ -407,26 +398,7 @@ fn extract_merge_of_a_delta_whose_new_path_hard_links_into_an_omitted_layer_name
     let u = upgrade();
     let env = TestEnv::new();
     far_side(&u, &env);
-    let base = u.shared.iter().find(|p| p.ends_with("-base")).unwrap();
-    let fresh = u
-        .new_only
-        .iter()
-        .find(|p| p.ends_with("-new-only"))
-        .unwrap();
-    let (from, to) = (
-        format!("{fresh}/share/empty"),
-        format!("{base}/share/empty"),
-    );
-    let layers = nix::layers_linking(&u.new_store, Some((&from, &to)))
-        .iter()
-        .map(|t| layer(t, Comp::Gzip, Media::Docker))
-        .collect();
-    let linked = push(
-        &u.reg.addr,
-        "nixos/nix",
-        Some("linked"),
-        &Image::new(Media::Docker, layers),
-    );
+    let linked = u.push_linked();
     let out = env.run(&[
         "pull",
         "--plain-http",

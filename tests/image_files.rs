@@ -10,7 +10,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::support::image::{Comp, Image, Media, Pushed, Tar, layer, push, push_index, sha256};
+use crate::support::image::{
+    Comp, Image, Media, Pushed, Tar, layer, push, push_two_platforms, sha256,
+};
 use crate::support::registry::Registry;
 use crate::support::{
     TestEnv, assert_fails, assert_ok, catches, fingerprint, json, listing, nix, require_tool,
@@ -826,21 +828,7 @@ fn a_helm_chart_an_empty_layout_and_a_referrers_only_layout_are_each_named_in_on
 #[test]
 fn extract_reads_a_one_platform_pull_of_a_two_platform_index() {
     let reg = Registry::start();
-    let make = |arch: &str| {
-        let mut t = Tar::new();
-        t.file("arch", arch.as_bytes(), 0o644);
-        let mut image = Image::new(Media::Oci, vec![layer(&t.finish(), Comp::Gzip, Media::Oci)]);
-        image.arch = arch.into();
-        push(&reg.addr, "multi", None, &image)
-    };
-    let (amd, arm) = (make("amd64"), make("arm64"));
-    let index = push_index(
-        &reg.addr,
-        "multi",
-        Some("latest"),
-        Media::Oci,
-        &[&amd, &arm],
-    );
+    let (index, _, _) = push_two_platforms(&reg.addr, "multi");
     let env = TestEnv::new();
     assert_ok(&env.run(&[
         "pull",

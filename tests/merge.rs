@@ -4,7 +4,6 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use crate::support::image::{Comp, Image, Media, layer, push};
 use crate::support::upgrade::{Upgrade, store_path, upgrade};
 use crate::support::{
     TestEnv, assert_fails, assert_no_op, assert_ok, fingerprint, listing, nix, seed_fingerprint,
@@ -123,26 +122,7 @@ fn a_new_path_hard_linked_into_a_path_the_seed_has_is_merged_from_a_full_unpack(
     // The new image as an optimised store has it: the new path's empty file
     // is a hard link to the (identical) one in `base`, which the seed holds
     // and a merge would skip.
-    let base = u.shared.iter().find(|p| p.ends_with("-base")).unwrap();
-    let fresh = u
-        .new_only
-        .iter()
-        .find(|p| p.ends_with("-new-only"))
-        .unwrap();
-    let (from, to) = (
-        format!("{fresh}/share/empty"),
-        format!("{base}/share/empty"),
-    );
-    let layers = nix::layers_linking(&u.new_store, Some((&from, &to)))
-        .iter()
-        .map(|t| layer(t, Comp::Gzip, Media::Docker))
-        .collect();
-    let linked = push(
-        &u.reg.addr,
-        "nixos/nix",
-        Some("linked"),
-        &Image::new(Media::Docker, layers),
-    );
+    let linked = u.push_linked();
 
     let out = env.run(&[
         "fetch",

@@ -62,20 +62,6 @@ impl Packing {
     }
 }
 
-/// Read up to `buf.len()` bytes; fewer only at the end of the stream.
-pub fn read_head(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
 /// A reader that fails once `cancel` is set (Ctrl-C while decompressing).
 struct CancelRead<'a, R> {
     inner: R,

@@ -42,7 +42,7 @@ use std::sync::atomic::AtomicBool;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::oci::compressed::{Packing, decompress, read_head};
+use crate::oci::compressed::{Packing, decompress};
 use crate::oci::digest::{Digest, Hasher};
 use crate::oci::manifest::{
     self, Descriptor, ImageManifest, Index, MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, Manifest,
@@ -52,6 +52,7 @@ use crate::oci::reference::ImageRef;
 use crate::oci::resolve::{FinishResolve, ResolvedImage, finish_resolve};
 use crate::oci::source::{Format, Pick, SourceName, shell_word};
 use crate::ui::progress::Reporter;
+use crate::unpack::decompress::read_full;
 use crate::unpack::pipeline::LayerInput;
 
 /// The annotation that names an image in `index.json`.
@@ -198,7 +199,7 @@ impl Files {
         let mut file =
             File::open(path).map_err(|e| Error::io(path, "cannot open image archive", e))?;
         let mut head = [0u8; Packing::HEAD];
-        let n = read_head(&mut file, &mut head)
+        let n = read_full(&mut file, &mut head)
             .map_err(|e| Error::io(path, "cannot read image archive", e))?;
         let packing = Packing::sniff(&head[..n]);
         let file = match packing {
@@ -359,7 +360,7 @@ impl Files {
     fn packing(&self, name: &str) -> Result<Option<Packing>> {
         let (mut r, _) = self.stream(name)?;
         let mut head = [0u8; Packing::HEAD];
-        let n = read_head(&mut r, &mut head)
+        let n = read_full(&mut r, &mut head)
             .map_err(|e| Error::io(self.source().join(name), "cannot read", e))?;
         Ok(Packing::sniff(&head[..n]))
     }

@@ -7,7 +7,7 @@
 //! several members (pigz and `cat a.gz b.gz` make them), so every member is
 //! read. zstd's window is bounded so a hostile frame cannot demand gigabytes.
 
-use std::io::{BufRead, Read};
+use std::io::{self, BufRead, Read};
 
 use crate::error::{Error, Result};
 use crate::oci::manifest::Compression;
@@ -77,6 +77,20 @@ pub fn decoder<'a, R: BufRead + Send + 'a>(
             Box::new(z)
         }
     })
+}
+
+/// Read up to `buf.len()` bytes; fewer only at the end of the stream.
+pub fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -168,7 +168,7 @@ fn decode_stream(
         }
         let mut buf = free.try_recv().unwrap_or_default();
         buf.resize(CHUNK, 0);
-        let n = fill(&mut hashed, &mut buf).map_err(stream_error)?;
+        let n = decompress::read_full(&mut hashed, &mut buf).map_err(stream_error)?;
         if n == 0 {
             break;
         }
@@ -208,20 +208,6 @@ fn decode_stream(
         });
     }
     Ok(())
-}
-
-/// Read until `buf` is full or the stream ends.
-fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// Counts (and, when asked, hashes) the compressed bytes; the hasher is

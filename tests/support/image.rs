@@ -410,3 +410,19 @@ pub fn push_index(
         platform: None,
     }
 }
+
+/// An OCI index tagged `latest` in `repo` naming two one-layer images, for
+/// linux/amd64 and linux/arm64, each holding a file `arch` that says which:
+/// (index, amd64, arm64).
+pub fn push_two_platforms(reg: &str, repo: &str) -> (Pushed, Pushed, Pushed) {
+    let make = |arch: &str| {
+        let mut t = Tar::new();
+        t.file("arch", arch.as_bytes(), 0o644);
+        let mut image = Image::new(Media::Oci, vec![layer(&t.finish(), Comp::Gzip, Media::Oci)]);
+        image.arch = arch.into();
+        push(reg, repo, None, &image)
+    };
+    let (amd, arm) = (make("amd64"), make("arm64"));
+    let index = push_index(reg, repo, Some("latest"), Media::Oci, &[&amd, &arm]);
+    (index, amd, arm)
+}

@@ -103,6 +103,34 @@ pub fn upgrade() -> Upgrade {
     }
 }
 
+impl Upgrade {
+    /// The new image as an optimised store has it, tagged `linked`: the new
+    /// path's empty file is a hard link to the (identical) one in `base`,
+    /// which the old image holds and a merge would skip.
+    pub fn push_linked(&self) -> Pushed {
+        let base = self.shared.iter().find(|p| p.ends_with("-base")).unwrap();
+        let fresh = self
+            .new_only
+            .iter()
+            .find(|p| p.ends_with("-new-only"))
+            .unwrap();
+        let (from, to) = (
+            format!("{fresh}/share/empty"),
+            format!("{base}/share/empty"),
+        );
+        let layers = nix::layers_linking(&self.new_store, Some((&from, &to)))
+            .iter()
+            .map(|t| layer(t, Comp::Gzip, Media::Docker))
+            .collect();
+        push(
+            &self.reg.addr,
+            "nixos/nix",
+            Some("linked"),
+            &Image::new(Media::Docker, layers),
+        )
+    }
+}
+
 pub fn store_path(seed: &Path, path: &str) -> std::path::PathBuf {
     seed.join(path.trim_start_matches('/'))
 }
