@@ -2,7 +2,7 @@
 //! `oci-archive` tar) and `docker save` archives, read and written.
 //!
 //! Reading never touches the network. An archive is indexed once (entry
-//! name to offset and size, seeking past the data), then manifests and
+//! name to offset and size, seeking past the data: [`files`]), then manifests and
 //! configs are read by name, bounded, and verified against the descriptors
 //! that name them; layer blobs are streamed straight from the file into the
 //! unpack pipeline, which hashes them on the way. Nothing is extracted to a
@@ -26,24 +26,23 @@
 //! does not ask for those blobs, and the caller decides whether it may do
 //! without them.
 //!
-//! Writing keeps the registry's manifest bytes exactly, Docker media types
+//! Writing ([`write`]) keeps the registry's manifest bytes exactly, Docker media types
 //! included, so the pinned digests still verify on the far side. An archive
 //! is written as a stream into a temporary file beside its final name and
 //! renamed when complete.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::io::Read;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::oci::compressed::{Packing, decompress};
-use crate::oci::digest::{Digest, Hasher};
+use crate::oci::compressed::Packing;
+use crate::oci::digest::Digest;
 use crate::oci::manifest::{
     self, Descriptor, ImageManifest, Index, MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, Manifest,
 };
@@ -52,8 +51,13 @@ use crate::oci::reference::ImageRef;
 use crate::oci::resolve::{FinishResolve, ResolvedImage, finish_resolve};
 use crate::oci::source::{Format, Pick, SourceName, shell_word};
 use crate::ui::progress::Reporter;
-use crate::unpack::decompress::read_full;
 use crate::unpack::pipeline::LayerInput;
+
+mod files;
+mod write;
+
+use files::Files;
+pub use write::{BlobData, LayoutContent};
 
 /// The annotation that names an image in `index.json`.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -137,262 +141,6 @@ impl Partial {
             omitted,
         }))
     }
-}
-
-#[derive(Clone, Debug)]
-enum Entry {
-    File { offset: u64, size: u64 },
-    Link(String),
-}
-
-/// The files of an image archive: a directory, or a tar indexed by name.
-enum Files {
-    Dir(PathBuf),
-    Tar {
-        path: PathBuf,
-        file: Arc<File>,
-        entries: HashMap<String, Entry>,
-    },
-}
-
-/// A reader over `file` from `pos` to `end`, with positioned reads, so that
-/// any number of them share one open file.
-struct Slice {
-    file: Arc<File>,
-    pos: u64,
-    end: u64,
-}
-
-impl Read for Slice {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.end.saturating_sub(self.pos);
-        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        if want == 0 {
-            return Ok(0);
-        }
-        let n = self.file.read_at(&mut buf[..want], self.pos)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the image file ends inside an entry",
-            ));
-        }
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-impl Files {
-    /// Open `path`: a directory, a tar, or a compressed tar (decompressed
-    /// into `scratch`).
-    fn open(
-        path: &Path,
-        scratch: &Path,
-        cancel: &AtomicBool,
-        reporter: &dyn Reporter,
-    ) -> Result<Files> {
-        let meta =
-            fs::metadata(path).map_err(|e| Error::io(path, "cannot open image archive", e))?;
-        if meta.is_dir() {
-            return Ok(Files::Dir(path.to_path_buf()));
-        }
-        let mut file =
-            File::open(path).map_err(|e| Error::io(path, "cannot open image archive", e))?;
-        let mut head = [0u8; Packing::HEAD];
-        let n = read_full(&mut file, &mut head)
-            .map_err(|e| Error::io(path, "cannot read image archive", e))?;
-        let packing = Packing::sniff(&head[..n]);
-        let file = match packing {
-            None => {
-                file.seek(SeekFrom::Start(0)).map_err(|e| Error::Archive {
-                    what: "image archive",
-                    input: path.display().to_string(),
-                    reason: format!(
-                        "cannot be read out of order ({e}): an uncompressed image file must be a regular file; save it to one first"
-                    ),
-                })?;
-                file
-            }
-            Some(Packing::Bzip2) => {
-                return Err(Error::Archive {
-                    what: "image archive",
-                    input: path.display().to_string(),
-                    reason: "is bzip2-compressed, which hydrafy does not read; decompress it first (bunzip2 -k) and extract the .tar".to_string(),
-                });
-            }
-            Some(p) => {
-                reporter.info(&format!(
-                    "{}: {}-compressed; decompressing it into a temporary file in {}",
-                    path.display(),
-                    p.name(),
-                    scratch.display()
-                ));
-                // The first bytes are read already: a pipe cannot be rewound.
-                let input = io::Cursor::new(head[..n].to_vec()).chain(file);
-                decompress(path, input, p, scratch, cancel)?
-            }
-        };
-        let mut entries = HashMap::new();
-        let not_tar = |e: io::Error| Error::Archive {
-            what: "image archive",
-            input: path.display().to_string(),
-            reason: match packing {
-                None => format!("not a tar archive or an OCI layout directory ({e})"),
-                Some(p) => format!(
-                    "a {}-compressed file that is not a tar archive ({e})",
-                    p.name()
-                ),
-            },
-        };
-        let mut archive = tar::Archive::new(&file);
-        for entry in archive.entries_with_seek().map_err(not_tar)? {
-            let entry = entry.map_err(not_tar)?;
-            if entries.len() >= MAX_ENTRIES {
-                return Err(not_tar(io::Error::other("too many entries")));
-            }
-            let name = clean(&entry.path_bytes());
-            match entry.header().entry_type() {
-                tar::EntryType::Regular | tar::EntryType::Continuous => {
-                    entries.insert(
-                        name,
-                        Entry::File {
-                            offset: entry.raw_file_position(),
-                            size: entry.size(),
-                        },
-                    );
-                }
-                tar::EntryType::Symlink | tar::EntryType::Link => {
-                    let target = entry
-                        .link_name_bytes()
-                        .map(|t| t.into_owned())
-                        .unwrap_or_default();
-                    let target = if entry.header().entry_type() == tar::EntryType::Symlink {
-                        let base = Path::new(&name).parent().unwrap_or(Path::new(""));
-                        clean(
-                            base.join(String::from_utf8_lossy(&target).as_ref())
-                                .to_string_lossy()
-                                .as_bytes(),
-                        )
-                    } else {
-                        clean(&target)
-                    };
-                    entries.insert(name, Entry::Link(target));
-                }
-                _ => {}
-            }
-        }
-        Ok(Files::Tar {
-            path: path.to_path_buf(),
-            file: Arc::new(file),
-            entries,
-        })
-    }
-
-    fn source(&self) -> &Path {
-        match self {
-            Files::Dir(p) | Files::Tar { path: p, .. } => p,
-        }
-    }
-
-    /// Offset and size of `name` in a tar, following up to a few links.
-    fn locate(&self, name: &str) -> Option<(u64, u64)> {
-        let Files::Tar { entries, .. } = self else {
-            return None;
-        };
-        let mut name = name.to_string();
-        for _ in 0..8 {
-            match entries.get(&name)? {
-                Entry::File { offset, size } => return Some((*offset, *size)),
-                Entry::Link(target) => name = target.clone(),
-            }
-        }
-        None
-    }
-
-    fn size(&self, name: &str) -> Option<u64> {
-        match self {
-            Files::Dir(dir) => fs::metadata(dir.join(name))
-                .ok()
-                .filter(|m| m.is_file())
-                .map(|m| m.len()),
-            Files::Tar { .. } => self.locate(name).map(|(_, size)| size),
-        }
-    }
-
-    fn has_blob(&self, digest: &Digest) -> bool {
-        self.size(&blob_name(digest)).is_some()
-    }
-
-    /// A stream over `name` and its size.
-    fn stream(&self, name: &str) -> Result<(Box<dyn Read + Send>, u64)> {
-        let missing = || Error::Archive {
-            what: "image archive",
-            input: self.source().display().to_string(),
-            reason: format!("{name} is missing; the archive is incomplete, copy it again"),
-        };
-        match self {
-            Files::Dir(dir) => {
-                let path = dir.join(name);
-                let file = match File::open(&path) {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing()),
-                    Err(e) => return Err(Error::io(&path, "cannot open", e)),
-                };
-                let size = file
-                    .metadata()
-                    .map_err(|e| Error::io(&path, "cannot stat", e))?
-                    .len();
-                Ok((Box::new(file), size))
-            }
-            Files::Tar { file, .. } => {
-                let (offset, size) = self.locate(name).ok_or_else(missing)?;
-                let slice = Slice {
-                    file: Arc::clone(file),
-                    pos: offset,
-                    end: offset + size,
-                };
-                Ok((Box::new(slice), size))
-            }
-        }
-    }
-
-    /// How the file `name` is compressed, from its first bytes.
-    fn packing(&self, name: &str) -> Result<Option<Packing>> {
-        let (mut r, _) = self.stream(name)?;
-        let mut head = [0u8; Packing::HEAD];
-        let n = read_full(&mut r, &mut head)
-            .map_err(|e| Error::io(self.source().join(name), "cannot read", e))?;
-        Ok(Packing::sniff(&head[..n]))
-    }
-
-    /// Read a small file whole; `max` bounds it.
-    fn read(&self, name: &str, max: u64) -> Result<Vec<u8>> {
-        let (mut r, size) = self.stream(name)?;
-        if size > max {
-            return Err(Error::Archive {
-                what: "image archive",
-                input: self.source().display().to_string(),
-                reason: format!("{name} is {size} bytes, more than the {max} allowed for it"),
-            });
-        }
-        let mut out = Vec::with_capacity(size as usize);
-        r.read_to_end(&mut out)
-            .map_err(|e| Error::io(self.source().join(name), "cannot read", e))?;
-        Ok(out)
-    }
-
-    /// Read a blob named by `desc` and check digest and size.
-    fn blob(&self, desc: &Descriptor, what: &'static str, max: u64) -> Result<Vec<u8>> {
-        let bytes = self.read(&blob_name(&desc.digest), max)?;
-        desc.check(what, &bytes, "the archive is corrupt; copy it again")?;
-        Ok(bytes)
-    }
-}
-
-fn clean(name: &[u8]) -> String {
-    crate::unpack::fsroot::normalize(name)
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// `blobs/sha256/<hex>`.
@@ -1440,171 +1188,6 @@ fn classify(files: &Files, desc: &Descriptor) -> Result<What> {
         platforms: platform.into_iter().collect(),
         size,
     })
-}
-
-/// One blob of a layout being written: bytes held in memory (manifests,
-/// configs) or a verified file (layers, from the cache).
-pub enum BlobData {
-    Bytes(Vec<u8>),
-    File(PathBuf),
-}
-
-/// What an OCI image layout will hold.
-pub struct LayoutContent {
-    pub index_json: Vec<u8>,
-    pub blobs: Vec<(Digest, BlobData)>,
-}
-
-impl LayoutContent {
-    /// An `index.json` naming one image (`top`) by `ref_name`, with
-    /// `annotations` of its own (a partial archive says so there).
-    pub fn index_json(
-        top: &Descriptor,
-        ref_name: &str,
-        annotations: &[(String, String)],
-    ) -> Vec<u8> {
-        let mut entry = serde_json::to_value(Descriptor {
-            platform: None,
-            urls: None,
-            annotations: None,
-            ..top.clone()
-        })
-        .expect("descriptor serialises");
-        entry["annotations"] = serde_json::json!({ REF_NAME: ref_name });
-        let mut index = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": manifest::media::OCI_INDEX,
-            "manifests": [entry],
-        });
-        if !annotations.is_empty() {
-            let own: serde_json::Map<String, serde_json::Value> = annotations
-                .iter()
-                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                .collect();
-            index["annotations"] = serde_json::Value::Object(own);
-        }
-        let mut bytes = serde_json::to_vec_pretty(&index).expect("index serialises");
-        bytes.push(b'\n');
-        bytes
-    }
-
-    /// Write the layout into the (new, empty) directory `dir`. Files from
-    /// the cache are hard-linked when they can be, copied otherwise.
-    pub fn write_dir(&self, dir: &Path) -> Result<u64> {
-        let blobs = dir.join("blobs/sha256");
-        fs::create_dir_all(&blobs)
-            .map_err(|e| Error::io(&blobs, "cannot create layout directory", e))?;
-        let write = |path: &Path, bytes: &[u8]| {
-            fs::write(path, bytes).map_err(|e| Error::io(path, "cannot write", e))
-        };
-        write(&dir.join("oci-layout"), OCI_LAYOUT)?;
-        write(&dir.join("index.json"), &self.index_json)?;
-        let mut total = 0;
-        for (digest, data) in &self.blobs {
-            let dest = blobs.join(digest.hex());
-            match data {
-                BlobData::Bytes(b) => {
-                    write(&dest, b)?;
-                    total += b.len() as u64;
-                }
-                BlobData::File(src) => {
-                    if fs::hard_link(src, &dest).is_err() {
-                        fs::copy(src, &dest)
-                            .map_err(|e| Error::io(&dest, "cannot copy blob", e))?;
-                    }
-                    total += fs::metadata(&dest)
-                        .map_err(|e| Error::io(&dest, "cannot stat", e))?
-                        .len();
-                }
-            }
-        }
-        Ok(total)
-    }
-
-    /// Stream the layout as a tar (an `oci-archive`) into `out`, returning
-    /// the archive's sha256 and size.
-    pub fn write_tar(&self, out: File, path_for_errors: &Path) -> Result<(Digest, u64)> {
-        let io_err = |e: io::Error| Error::io(path_for_errors, "cannot write archive", e);
-        let hashing = HashingWriter {
-            inner: out,
-            hasher: Hasher::default(),
-        };
-        let mut tar = tar::Builder::new(BufWriter::with_capacity(1 << 20, hashing));
-        tar.mode(tar::HeaderMode::Deterministic);
-        let header = |size: u64, kind: tar::EntryType| {
-            let mut h = tar::Header::new_ustar();
-            h.set_entry_type(kind);
-            h.set_size(size);
-            h.set_mode(if kind == tar::EntryType::Directory {
-                0o755
-            } else {
-                0o644
-            });
-            h.set_mtime(0);
-            h
-        };
-        for dir in ["blobs/", "blobs/sha256/"] {
-            tar.append_data(&mut header(0, tar::EntryType::Directory), dir, io::empty())
-                .map_err(io_err)?;
-        }
-        tar.append_data(
-            &mut header(OCI_LAYOUT.len() as u64, tar::EntryType::Regular),
-            "oci-layout",
-            OCI_LAYOUT,
-        )
-        .map_err(io_err)?;
-        tar.append_data(
-            &mut header(self.index_json.len() as u64, tar::EntryType::Regular),
-            "index.json",
-            self.index_json.as_slice(),
-        )
-        .map_err(io_err)?;
-        for (digest, data) in &self.blobs {
-            let name = blob_name(digest);
-            match data {
-                BlobData::Bytes(b) => {
-                    tar.append_data(
-                        &mut header(b.len() as u64, tar::EntryType::Regular),
-                        &name,
-                        b.as_slice(),
-                    )
-                    .map_err(io_err)?;
-                }
-                BlobData::File(src) => {
-                    let file = File::open(src)
-                        .map_err(|e| Error::io(src, "cannot open cached blob", e))?;
-                    let size = file
-                        .metadata()
-                        .map_err(|e| Error::io(src, "cannot stat cached blob", e))?
-                        .len();
-                    tar.append_data(&mut header(size, tar::EntryType::Regular), &name, file)
-                        .map_err(io_err)?;
-                }
-            }
-        }
-        let buffered = tar.into_inner().map_err(io_err)?;
-        let hashing = buffered.into_inner().map_err(|e| io_err(e.into_error()))?;
-        hashing.inner.sync_all().map_err(io_err)?;
-        let size = hashing.hasher.len();
-        Ok((hashing.hasher.finish(), size))
-    }
-}
-
-struct HashingWriter {
-    inner: File,
-    hasher: Hasher,
-}
-
-impl Write for HashingWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 #[cfg(test)]
