@@ -1,6 +1,6 @@
-//! Writing an OCI image layout, as a directory or an `oci-archive` tar: the
-//! registry's manifest bytes kept exactly, every blob verified as it is
-//! written, a tar streamed and flushed before it is renamed into place.
+//! Writing an OCI image layout, as a directory or an `oci-archive` tar, from
+//! blobs `pull` verified on their way in: the registry's manifest bytes kept
+//! exactly, a tar streamed, hashed (for `--checksum`) and flushed as it goes.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
