@@ -35,7 +35,7 @@ impl EntryFilter for Notes {
 
 /// What an unpack produced, everything the comparison looks at.
 #[derive(Debug, PartialEq)]
-struct Outcome {
+pub(crate) struct Outcome {
     tree: BTreeMap<PathBuf, String>,
     stats: ApplyStats,
     notes: Vec<Vec<PathBuf>>,
@@ -73,7 +73,7 @@ fn inputs(layers: &[Vec<u8>]) -> Vec<LayerInput> {
 
 /// Unpack `layers` into a fresh `root` with `lanes` lanes, as the library
 /// pipeline does it.
-fn unpack_into(root: &Path, layers: &[Vec<u8>], lanes: usize) -> Result<Outcome, Error> {
+pub(crate) fn unpack_into(root: &Path, layers: &[Vec<u8>], lanes: usize) -> Result<Outcome, Error> {
     let _ = hydrafy::unpack::remove_tree(root);
     std::fs::create_dir_all(root).unwrap();
     let mut applier =
@@ -198,7 +198,7 @@ fn customisation_layer(store_paths: usize) -> Vec<u8> {
 }
 
 /// A Nix-like image: `n` store-path layers and the customisation layer.
-fn nix_image(n: usize) -> Vec<Vec<u8>> {
+pub(crate) fn nix_image(n: usize) -> Vec<Vec<u8>> {
     let mut layers: Vec<Vec<u8>> = (0..n).map(|i| store_layer(i, 3 + i % 5).finish()).collect();
     layers.push(customisation_layer(n));
     layers

@@ -180,6 +180,7 @@ fn archive_path(archive: &Archive) -> String {
 }
 
 /// Unpack the archive's layers into the staging root, as `plan` allows.
+#[allow(clippy::too_many_arguments)]
 async fn unpack_archive(
     archive: &Archive,
     resolved: &ResolvedImage,

@@ -389,7 +389,6 @@ fn unpack_lanes<F: EntryFilter + Send>(
         result
     });
     result?;
-    drop(filter);
     applier.absorb_lanes(&shared, &totals, existed)
 }
 
