@@ -25,6 +25,11 @@ use hydrafy::unpack::{LayerInput, unpack};
 
 /// A Nix-like layer: one store path of `files` files with text-like content.
 fn layer(files: usize) -> (Vec<u8>, Digest) {
+    layer_named(files, "0000000000000000000000000000000a-bench")
+}
+
+/// [`layer`] with the store path `name`.
+fn layer_named(files: usize, name: &str) -> (Vec<u8>, Digest) {
     let mut tar = tar::Builder::new(Vec::new());
     let add_dir = |tar: &mut tar::Builder<Vec<u8>>, path: &str| {
         let mut h = tar::Header::new_gnu();
@@ -38,17 +43,11 @@ fn layer(files: usize) -> (Vec<u8>, Digest) {
     };
     add_dir(&mut tar, "nix");
     add_dir(&mut tar, "nix/store");
-    add_dir(&mut tar, "nix/store/0000000000000000000000000000000a-bench");
+    add_dir(&mut tar, &format!("nix/store/{name}"));
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     for i in 0..files {
         if i % 50 == 0 {
-            add_dir(
-                &mut tar,
-                &format!(
-                    "nix/store/0000000000000000000000000000000a-bench/d{}",
-                    i / 50
-                ),
-            );
+            add_dir(&mut tar, &format!("nix/store/{name}/d{}", i / 50));
         }
         let len = 1024 + (i * 7919) % 60_000;
         let mut data = Vec::with_capacity(len);
@@ -66,10 +65,7 @@ fn layer(files: usize) -> (Vec<u8>, Digest) {
         h.set_mode(0o444);
         h.set_mtime(1);
         h.set_size(data.len() as u64);
-        let path = format!(
-            "nix/store/0000000000000000000000000000000a-bench/d{}/f{i}",
-            i / 50
-        );
+        let path = format!("nix/store/{name}/d{}/f{i}", i / 50);
         tar.append_data(&mut h, path, data.as_slice()).unwrap();
     }
     let raw = tar.into_inner().unwrap();
@@ -140,24 +136,7 @@ fn bench(c: &mut Criterion) {
             |root| {
                 let mut applier =
                     Applier::new(&root, ApplyOptions::for_current_user(false)).unwrap();
-                let bytes = blob.clone();
-                let input = LayerInput {
-                    index: 0,
-                    descriptor: Descriptor {
-                        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
-                        digest: Digest::of(&bytes),
-                        size: bytes.len() as u64,
-                        platform: None,
-                        urls: None,
-                        annotations: None,
-                    },
-                    diff_id,
-                    compression: Compression::Gzip,
-                    open: Box::new(move || {
-                        Ok(Box::new(std::io::Cursor::new(bytes)) as Box<dyn Read + Send>)
-                    }),
-                    verify_blob: true,
-                };
+                let input = input(0, &blob, diff_id);
                 unpack(
                     &mut applier,
                     vec![input],
@@ -171,7 +150,65 @@ fn bench(c: &mut Criterion) {
         )
     });
     group.finish();
+
+    // Several disjoint store-path layers, as a Nix layered image has them:
+    // one lane (strictly in order) against two applying at once.
+    let layers: Vec<(Vec<u8>, Digest)> = (0..8)
+        .map(|i| layer_named(500, &format!("{i:032}-bench")))
+        .collect();
+    let mut group = c.benchmark_group("eight disjoint layers");
+    group.throughput(Throughput::Bytes(
+        layers.iter().map(|(b, _)| b.len() as u64).sum(),
+    ));
+    group.sample_size(20);
+    for lanes in [1, 2] {
+        group.bench_function(format!("hydrafy unpack, {lanes} lane(s)"), |b| {
+            b.iter_batched(
+                || fresh(&dir.join("lanes")),
+                |root| {
+                    let mut applier =
+                        Applier::new(&root, ApplyOptions::for_current_user(false)).unwrap();
+                    applier.set_lanes(lanes);
+                    let inputs = layers
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (blob, diff_id))| input(i, blob, *diff_id))
+                        .collect();
+                    unpack(
+                        &mut applier,
+                        inputs,
+                        &Arc::new(AtomicBool::new(false)),
+                        &Recorder::default(),
+                    )
+                    .unwrap();
+                    applier.finish().unwrap();
+                },
+                criterion::BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
     let _ = hydrafy::unpack::remove_tree(&dir);
+}
+
+/// A gzip layer blob held in memory as pipeline input.
+fn input(index: usize, blob: &[u8], diff_id: Digest) -> LayerInput {
+    let bytes = blob.to_vec();
+    LayerInput {
+        index,
+        descriptor: Descriptor {
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            digest: Digest::of(&bytes),
+            size: bytes.len() as u64,
+            platform: None,
+            urls: None,
+            annotations: None,
+        },
+        diff_id,
+        compression: Compression::Gzip,
+        open: Box::new(move || Ok(Box::new(std::io::Cursor::new(bytes)) as Box<dyn Read + Send>)),
+        verify_blob: true,
+    }
 }
 
 criterion_group!(benches, bench);

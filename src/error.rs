@@ -230,6 +230,12 @@ pub enum Error {
     )]
     SourceReplaced { digest: Digest },
 
+    /// Layers applied side by side (see `unpack::pipeline`) could have
+    /// interacted, or one failed: the caller resets the root and applies
+    /// them again in order, which gives the authoritative result or error.
+    #[error("layers could not be applied side by side ({reason}); apply them in order")]
+    LanesInterfered { reason: String },
+
     /// Ctrl-C or SIGTERM.
     #[error("interrupted; the output directory was left as it was")]
     Interrupted,

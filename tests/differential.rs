@@ -412,6 +412,20 @@ fn generated_images_unpack_as_umoci_unpacks_them() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+#[test]
+fn a_nix_layered_image_applied_in_two_lanes_unpacks_as_umoci_unpacks_it() {
+    let layers = crate::parallel_apply::nix_image(12);
+    let work = tempfile::Builder::new()
+        .prefix("hydrafy-differential-")
+        .tempdir()
+        .unwrap();
+    let theirs = umoci_unpack(work.path(), &layers).expect("umoci unpack");
+    let ours = work.path().join("lanes");
+    crate::parallel_apply::unpack_into(&ours, &layers, 2).expect("two lanes must not interfere");
+    let diff = diff_trees(&ours, &theirs);
+    assert!(diff.is_empty(), "{}", diff.join("\n"));
+}
+
 // ---- where hydrafy deliberately differs from umoci ----------------------
 
 fn one(build: impl FnOnce(&mut Tar)) -> Vec<u8> {

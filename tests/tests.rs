@@ -15,6 +15,7 @@ mod jobs;
 mod jobs_gc;
 mod merge;
 mod nixdb;
+mod parallel_apply;
 mod registry;
 mod runner_config;
 mod verify;

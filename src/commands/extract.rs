@@ -25,7 +25,7 @@ use crate::seed::state::{Layout, STATE_FILE};
 use crate::ui::cancel::Cancel;
 use crate::ui::progress::Reporter;
 use crate::unpack::apply::{Applier, ApplyOptions};
-use crate::unpack::pipeline;
+use crate::unpack::pipeline::{self, default_lanes};
 
 /// Everything `extract` needs to know.
 #[derive(Clone, Debug)]
@@ -77,15 +77,20 @@ pub async fn extract(
     let staging = out.stage()?;
     let plan = SkipPlan::new(&out, &resolved)?;
     let apply = ApplyOptions::for_current_user(opts.rootfs);
-    let mut attempt = plan.clone();
+    let (mut attempt, mut lanes) = (plan.clone(), default_lanes());
     let lacks = format!("{} does not hold all its store paths", out.dir().display());
     needed_omitted(&archive, &resolved, &plan.layers, &lacks)?;
     let unpacked = loop {
         match unpack_archive(
-            &archive, &resolved, &staging, apply, &attempt, &reporter, cancel,
+            &archive, &resolved, &staging, apply, &attempt, lanes, &reporter, cancel,
         )
         .await
         {
+            // Applying in one lane is the reference; it can always be done.
+            Err(Error::LanesInterfered { .. }) if lanes > 1 => {
+                lanes = 1;
+                staging.reset_rootfs()?;
+            }
             Err(Error::SkippedLinkTarget { layer, entry }) if attempt.skips_any() => {
                 // Unpacking it all again needs every layer, the omitted ones too.
                 let none = vec![false; resolved.manifest.layers.len()];
@@ -175,12 +180,14 @@ fn archive_path(archive: &Archive) -> String {
 }
 
 /// Unpack the archive's layers into the staging root, as `plan` allows.
+#[allow(clippy::too_many_arguments)]
 async fn unpack_archive(
     archive: &Archive,
     resolved: &ResolvedImage,
     staging: &Staging,
     apply: ApplyOptions,
     plan: &SkipPlan,
+    lanes: usize,
     reporter: &Arc<dyn Reporter>,
     cancel: &Cancel,
 ) -> Result<Unpacked> {
@@ -191,6 +198,7 @@ async fn unpack_archive(
         apply,
         StoreLayers::skipping(plan.paths.clone()),
     )?;
+    applier.set_lanes(lanes);
     // A failed attempt stops its own decoder, not the run: the caller may retry.
     let (cancel, _link) = cancel.attempt();
     applier.set_cancel(cancel.flag());

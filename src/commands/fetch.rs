@@ -31,6 +31,7 @@ use crate::seed::state::Layout;
 use crate::ui::cancel::Cancel;
 use crate::ui::progress::Reporter;
 use crate::unpack::apply::{Applier, ApplyOptions};
+use crate::unpack::pipeline::default_lanes;
 
 /// Everything `fetch` needs to know.
 #[derive(Clone, Debug)]
@@ -110,15 +111,16 @@ pub async fn fetch(
     let plan = SkipPlan::new(&out, &resolved)?;
     let registry = Arc::new(registry);
     let apply = ApplyOptions::for_current_user(opts.rootfs);
-    let unpack_into = |plan: SkipPlan, follow: bool| {
+    let unpack_into = |plan: SkipPlan, follow: bool, lanes: usize| {
         let registry = Arc::clone(&registry);
         let (staging, resolved, store, reporter) = (&staging, &resolved, &store, &reporter);
         async move {
-            let applier = Applier::filtered(
+            let mut applier = Applier::filtered(
                 &staging.rootfs(),
                 apply,
                 StoreLayers::skipping(plan.paths.clone()),
             )?;
+            applier.set_lanes(lanes);
             let (stats, mut filter, downloaded) = unpack_from_registry(
                 registry,
                 resolved,
@@ -139,10 +141,12 @@ pub async fn fetch(
         }
     };
     // Each retry gives up something the first attempt could do, so at most
-    // two follow it.
-    let (mut attempt, mut follow) = (plan.clone(), true);
+    // three follow it.
+    let (mut attempt, mut follow, mut lanes) = (plan.clone(), true, default_lanes());
     let unpacked = loop {
-        match unpack_into(attempt.clone(), follow).await {
+        match unpack_into(attempt.clone(), follow, lanes).await {
+            // Applying in one lane is the reference; it can always be done.
+            Err(Error::LanesInterfered { .. }) if lanes > 1 => lanes = 1,
             Err(Error::SkippedLinkTarget { .. }) if attempt.skips_any() => {
                 attempt = without_skips(&resolved, &*reporter);
             }

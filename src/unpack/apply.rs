@@ -27,13 +27,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 
@@ -79,7 +80,7 @@ pub struct ApplyStats {
 }
 
 #[derive(Clone, Copy, Debug)]
-struct Meta {
+pub(crate) struct Meta {
     mode: u32,
     uid: u32,
     gid: u32,
@@ -132,7 +133,9 @@ pub trait EntryFilter {
     fn note(&mut self, _rel: &Path) {}
     /// Whether `rel` is not to be written. Its bytes are still read (and
     /// hashed by the pipeline); a hard link into a skipped path fails with
-    /// [`Error::SkippedLinkTarget`].
+    /// [`Error::SkippedLinkTarget`]. The answer must not depend on what
+    /// `note` learned: layers applied side by side ask before the notes of
+    /// earlier layers are given, which happens afterwards, in layer order.
     fn skip(&self, _rel: &Path) -> bool {
         false
     }
@@ -164,6 +167,128 @@ pub struct Applier<F = Unfiltered> {
     stats: ApplyStats,
     warnings: Vec<String>,
     filter: F,
+    /// How many layers the pipeline may apply at once (see `pipeline`).
+    lanes: usize,
+    /// Set when this applier is one lane of several.
+    lane: Option<Lane>,
+}
+
+/// The store's ancestors, whose metadata layers applied side by side share:
+/// `""`, `nix` and `nix/store`.
+pub(crate) const ANCESTORS: [&str; 3] = ["", "nix", "nix/store"];
+
+/// What the lanes of one parallel unpack share (see `pipeline`).
+pub(crate) struct LaneShared {
+    /// Store path name -> the layer that writes it; a second layer aborts.
+    claims: Mutex<HashMap<OsString, usize>>,
+    /// Directory metadata, in the order it was set (a reused inode is set
+    /// after its old directory was removed, so the last value is right).
+    pub(crate) dirs: Mutex<HashMap<Id, Meta>>,
+    /// Per ancestor: the highest layer that names it and its metadata.
+    pub(crate) ancestors: Mutex<[Option<(usize, Meta)>; 3]>,
+    /// Per ancestor but the root: the lowest layer whose entries create it,
+    /// and whether its first such entry is the directory's own.
+    pub(crate) made: Mutex<[Option<(usize, bool)>; 2]>,
+    /// Layers whose entries are all applied.
+    done: Mutex<Vec<bool>>,
+    done_changed: Condvar,
+    /// Set when a lane failed: every lane stops.
+    pub(crate) abort: AtomicBool,
+    cancel: Arc<AtomicBool>,
+}
+
+impl LaneShared {
+    pub(crate) fn new(layers: usize, cancel: Arc<AtomicBool>) -> LaneShared {
+        LaneShared {
+            claims: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            ancestors: Mutex::new([None; 3]),
+            made: Mutex::new([None; 2]),
+            done: Mutex::new(vec![false; layers]),
+            done_changed: Condvar::new(),
+            abort: AtomicBool::new(false),
+            cancel,
+        }
+    }
+
+    /// Layer `index` is fully applied.
+    /// Whether the run was cancelled (and not by lanes that interfered).
+    pub(crate) fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst) && !self.abort.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn mark_done(&self, index: usize) {
+        self.done.lock().expect("lane lock")[index] = true;
+        self.done_changed.notify_all();
+    }
+
+    /// Stop every lane: they interfered, or (`interfered` false) the run
+    /// was cancelled.
+    pub(crate) fn stop(&self, interfered: bool) {
+        if interfered {
+            self.abort.store(true, Ordering::SeqCst);
+        }
+        self.cancel.store(true, Ordering::SeqCst);
+        let _held = self.done.lock().expect("lane lock");
+        self.done_changed.notify_all();
+    }
+
+    /// Wait until every layer below `index` is fully applied.
+    fn wait_below(&self, index: usize) -> Result<()> {
+        let mut done = self.done.lock().expect("lane lock");
+        while !done[..index].iter().all(|d| *d) {
+            if self.abort.load(Ordering::SeqCst) || self.cancel.load(Ordering::SeqCst) {
+                return Err(Error::Interrupted);
+            }
+            // Bounded, so a cancel (which does not notify) is seen.
+            done = self
+                .done_changed
+                .wait_timeout(done, std::time::Duration::from_millis(50))
+                .expect("lane lock")
+                .0;
+        }
+        Ok(())
+    }
+}
+
+/// One lane's view of the layer it applies.
+struct Lane {
+    shared: Arc<LaneShared>,
+    layer: usize,
+    /// Every earlier layer is known to be fully applied.
+    below_done: bool,
+    /// The store path this layer last claimed (entries come grouped).
+    claimed: Option<OsString>,
+    /// Per ancestor but the root: whether this layer's first entry creating
+    /// it is the directory's own.
+    made: [Option<bool>; 2],
+}
+
+/// Why a lane gives up: the caller applies all layers again, in order.
+fn interfere(reason: impl Into<String>) -> Error {
+    Error::LanesInterfered {
+        reason: reason.into(),
+    }
+}
+
+/// Which of [`ANCESTORS`] `rel` is.
+fn ancestor_index(rel: &Path) -> Option<usize> {
+    let mut parts = rel.components().map(|c| c.as_os_str());
+    match (parts.next(), parts.next(), parts.next()) {
+        (None, _, _) => Some(0),
+        (Some(n), None, _) if n == "nix" => Some(1),
+        (Some(n), Some(st), None) if n == "nix" && st == "store" => Some(2),
+        _ => None,
+    }
+}
+
+/// The store path name `rel` lies in (`nix/store/NAME/...`), if any.
+fn store_name(rel: &Path) -> Option<&OsStr> {
+    let mut parts = rel.components().map(|c| c.as_os_str());
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(n), Some(st), Some(name)) if n == "nix" && st == "store" => Some(name),
+        _ => None,
+    }
 }
 
 /// An open parent directory and its identity, shared by the entries in it.
@@ -259,7 +384,296 @@ impl<F: EntryFilter> Applier<F> {
             stats: ApplyStats::default(),
             warnings: Vec::new(),
             filter,
+            lanes: 1,
+            lane: None,
         })
+    }
+
+    /// Let the pipeline apply up to `lanes` layers at once where they
+    /// cannot interact (1, the default, applies them strictly in order).
+    pub fn set_lanes(&mut self, lanes: usize) {
+        self.lanes = lanes.max(1);
+    }
+
+    /// How many layers the pipeline may apply at once.
+    pub fn lanes(&self) -> usize {
+        self.lanes
+    }
+
+    /// An applier for one lane of a parallel unpack onto the same root,
+    /// resolving no symlink in parent paths.
+    pub(crate) fn lane_applier<G: EntryFilter>(
+        &self,
+        filter: G,
+        shared: &Arc<LaneShared>,
+    ) -> Result<Applier<G>> {
+        let root = self
+            .root
+            .without_symlinks()
+            .map_err(|e| Error::io(self.root.path(), "cannot open the unpack root", e))?;
+        Ok(Applier {
+            root,
+            opts: self.opts,
+            dirs: HashMap::new(),
+            root_id: self.root_id,
+            parent_cache: None,
+            umask: self.umask,
+            owner: self.owner,
+            cancel: self.cancel.clone(),
+            buf: vec![0; 256 << 10],
+            stats: ApplyStats::default(),
+            warnings: Vec::new(),
+            filter,
+            lanes: 1,
+            lane: Some(Lane {
+                shared: Arc::clone(shared),
+                layer: 0,
+                below_done: false,
+                claimed: None,
+                made: [None; 2],
+            }),
+        })
+    }
+
+    /// The next layer this lane applies is manifest layer `index`.
+    pub(crate) fn start_lane_layer(&mut self, index: usize) {
+        let lane = self.lane.as_mut().expect("a lane applier");
+        lane.layer = index;
+        lane.below_done = false;
+        lane.claimed = None;
+        lane.made = [None; 2];
+    }
+
+    /// What the layer just applied did, taken; its ancestors' first
+    /// creators go to the shared record.
+    pub(crate) fn end_lane_layer(&mut self) -> (ApplyStats, Vec<String>) {
+        let lane = self.lane.as_ref().expect("a lane applier");
+        let mut made = lane.shared.made.lock().expect("lane lock");
+        for (slot, mine) in made.iter_mut().zip(lane.made) {
+            if let Some(explicit) = mine
+                && slot.is_none_or(|(layer, _)| lane.layer < layer)
+            {
+                *slot = Some((lane.layer, explicit));
+            }
+        }
+        drop(made);
+        (
+            std::mem::take(&mut self.stats),
+            std::mem::take(&mut self.warnings),
+        )
+    }
+
+    /// The same applier with another filter.
+    pub(crate) fn refilter<G: EntryFilter>(self, filter: G) -> Applier<G> {
+        Applier {
+            root: self.root,
+            opts: self.opts,
+            dirs: self.dirs,
+            root_id: self.root_id,
+            parent_cache: self.parent_cache,
+            umask: self.umask,
+            owner: self.owner,
+            cancel: self.cancel,
+            buf: self.buf,
+            stats: self.stats,
+            warnings: self.warnings,
+            filter,
+            lanes: self.lanes,
+            lane: self.lane,
+        }
+    }
+
+    /// The filter, mutably (the pipeline shares it between lanes).
+    pub(crate) fn filter_mut(&mut self) -> &mut F {
+        &mut self.filter
+    }
+
+    /// Take in what lanes applied: their stats, directory metadata (the
+    /// ancestors' from the highest layer that named them) and the
+    /// ancestors each first created. `existed` says which ancestors but
+    /// the root were there before any lane ran.
+    pub(crate) fn absorb_lanes(
+        &mut self,
+        shared: &LaneShared,
+        stats: &ApplyStats,
+        existed: [bool; 2],
+    ) -> Result<()> {
+        let s = &mut self.stats;
+        s.files += stats.files;
+        s.dirs += stats.dirs;
+        s.symlinks += stats.symlinks;
+        s.hardlinks += stats.hardlinks;
+        s.whiteouts += stats.whiteouts;
+        s.skipped_special += stats.skipped_special;
+        s.bytes += stats.bytes;
+        // In order, an ancestor entry counts as a directory made when it is
+        // the first entry to need the directory.
+        let made = *shared.made.lock().expect("lane lock");
+        for (first, existed) in made.iter().zip(existed) {
+            if !existed && matches!(first, Some((_, true))) {
+                s.dirs += 1;
+            }
+        }
+        self.dirs
+            .extend(shared.dirs.lock().expect("lane lock").drain());
+        let ancestors = *shared.ancestors.lock().expect("lane lock");
+        for (rel, named) in ANCESTORS.iter().zip(ancestors) {
+            if let Some((_, meta)) = named {
+                let id = self
+                    .root
+                    .open_dir(Path::new(rel))
+                    .and_then(fsroot::id_of)
+                    .map_err(|e| Error::io(self.root.path(), "cannot open a store directory", e))?;
+                self.dirs.insert(id, meta);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the ancestors but the root exist now.
+    pub(crate) fn ancestors_exist(&self) -> [bool; 2] {
+        [1, 2].map(|i| self.root.open_dir(Path::new(ANCESTORS[i])).is_ok())
+    }
+
+    /// Record directory metadata to set in [`Applier::finish`].
+    fn set_dir_meta(&mut self, id: Id, meta: Meta) {
+        match &self.lane {
+            Some(lane) => {
+                lane.shared.dirs.lock().expect("lane lock").insert(id, meta);
+            }
+            None => {
+                self.dirs.insert(id, meta);
+            }
+        }
+    }
+
+    /// For a lane: whether entry `rel` may be applied now, waiting for
+    /// earlier layers when it must; `Ok(false)` when it was handled here.
+    ///
+    /// The rules, which make the result that of applying in order:
+    /// - a directory entry for `""`, `nix` or `nix/store` only makes sure
+    ///   the directory exists; its metadata is kept per layer and the
+    ///   highest layer's wins (see [`Applier::absorb_lanes`]);
+    /// - an entry under `nix/store/NAME` claims NAME for its layer: a store
+    ///   path written by two layers stops the lanes;
+    /// - any other entry waits until every earlier layer is fully applied:
+    ///   later layers meanwhile touch only the ancestors and store paths
+    ///   they alone claim, which no such entry reaches, since a lane's
+    ///   parent paths never go through a symlink (`ELOOP` otherwise);
+    /// - a hard link is applied once its target's store path is its own
+    ///   layer's, or an earlier layer's and every earlier layer is done;
+    /// - whiteouts, and anything but a directory at an ancestor, stop the lanes.
+    fn admit(&mut self, rel: &Path, header: &Header, at: &At<'_>) -> Result<bool> {
+        let kind = header.kind;
+        if self
+            .lane
+            .as_ref()
+            .is_some_and(|l| l.shared.abort.load(Ordering::Relaxed))
+        {
+            return Err(Error::Interrupted);
+        }
+        if rel
+            .file_name()
+            .is_some_and(|b| b.as_bytes().starts_with(WHITEOUT_PREFIX))
+        {
+            return Err(interfere(format!("entry {:?} is a whiteout", at.shown())));
+        }
+        let ancestor = ancestor_index(rel);
+        let lane = self.lane.as_mut().expect("a lane applier");
+        // The first entry that needs `nix` or `nix/store` creates it.
+        let explicit_at = ancestor.filter(|_| kind == Kind::DIR);
+        if rel.starts_with("nix") && lane.made[0].is_none() {
+            lane.made[0] = Some(explicit_at == Some(1));
+        }
+        if rel.starts_with("nix/store") && lane.made[1].is_none() {
+            lane.made[1] = Some(explicit_at == Some(2));
+        }
+        if let Some(i) = ancestor {
+            if kind != Kind::DIR {
+                return Err(interfere(format!(
+                    "entry {:?} is not a directory",
+                    at.shown()
+                )));
+            }
+            let meta = self.meta(header, at)?;
+            let layer = self.lane.as_ref().expect("a lane applier").layer;
+            if i > 0 {
+                self.parent(rel).map_err(at.io("cannot create directory"))?;
+            }
+            let lane = self.lane.as_ref().expect("a lane applier");
+            let mut named = lane.shared.ancestors.lock().expect("lane lock");
+            if named[i].is_none_or(|(l, _)| l <= layer) {
+                named[i] = Some((layer, meta));
+            }
+            return Ok(false);
+        }
+        if let Some(name) = store_name(rel) {
+            self.claim(name)?;
+        } else {
+            self.wait_below()?;
+        }
+        if kind == Kind::LINK {
+            let target = fsroot::normalize(&header.linkname);
+            match store_name(&target) {
+                Some(name) => {
+                    let lane = self.lane.as_ref().expect("a lane applier");
+                    let owner = lane
+                        .shared
+                        .claims
+                        .lock()
+                        .expect("lane lock")
+                        .get(name)
+                        .copied();
+                    match owner {
+                        Some(l) if l == lane.layer => {}
+                        Some(l) if l < lane.layer => self.wait_below()?,
+                        _ => {
+                            return Err(interfere(format!(
+                                "entry {:?} hard-links into a store path of no earlier layer",
+                                at.shown()
+                            )));
+                        }
+                    }
+                }
+                None => self.wait_below()?,
+            }
+        }
+        Ok(true)
+    }
+
+    /// Claim store path `name` for this lane's layer.
+    fn claim(&mut self, name: &OsStr) -> Result<()> {
+        let lane = self.lane.as_mut().expect("a lane applier");
+        if lane.claimed.as_deref() == Some(name) {
+            return Ok(());
+        }
+        let owner = *lane
+            .shared
+            .claims
+            .lock()
+            .expect("lane lock")
+            .entry(name.to_os_string())
+            .or_insert(lane.layer);
+        if owner != lane.layer {
+            return Err(interfere(format!(
+                "store path {} is in layers {} and {}",
+                name.to_string_lossy(),
+                owner.min(lane.layer),
+                owner.max(lane.layer)
+            )));
+        }
+        lane.claimed = Some(name.to_os_string());
+        Ok(())
+    }
+
+    /// Wait until every layer below this lane's is fully applied.
+    fn wait_below(&mut self) -> Result<()> {
+        let lane = self.lane.as_mut().expect("a lane applier");
+        if !lane.below_done {
+            lane.shared.wait_below(lane.layer)?;
+            lane.below_done = true;
+        }
+        Ok(())
     }
 
     /// The filter, with what it learned.
@@ -361,6 +775,9 @@ impl<F: EntryFilter> Applier<F> {
         if self.filter.skip(&rel) {
             return Ok(());
         }
+        if self.lane.is_some() && !self.admit(&rel, header, &at)? {
+            return Ok(());
+        }
 
         if let Some(base) = rel.file_name().map(OsStr::as_bytes)
             && base.starts_with(WHITEOUT_PREFIX)
@@ -388,7 +805,7 @@ impl<F: EntryFilter> Applier<F> {
         let meta = self.meta(header, &at)?;
         let Some(base) = rel.file_name().map(OsStr::to_os_string) else {
             if kind == Kind::DIR {
-                self.dirs.insert(self.root_id, meta);
+                self.set_dir_meta(self.root_id, meta);
                 return Ok(());
             }
             return Err(refuse("the entry would replace the root directory"));
@@ -415,7 +832,7 @@ impl<F: EntryFilter> Applier<F> {
                 let dir = fsroot::open_child_dir(&parent, &base)
                     .and_then(fsroot::id_of)
                     .map_err(io_err("cannot open directory"))?;
-                self.dirs.insert(dir, meta);
+                self.set_dir_meta(dir, meta);
             }
             Kind::REGULAR | Kind::CONTIGUOUS => {
                 let parent = self
@@ -559,12 +976,15 @@ impl<F: EntryFilter> Applier<F> {
                 )));
             }
         }
-        let parent = self
-            .parent(&parent_rel)
-            .map_err(io_err("cannot open parent directory"))?;
-        written
-            .mark(self.root_id, &parent, &base)
-            .map_err(io_err("cannot record what the layer wrote"))?;
+        // Lanes apply no whiteouts, so they need no record of what was written.
+        if self.lane.is_none() {
+            let parent = self
+                .parent(&parent_rel)
+                .map_err(io_err("cannot open parent directory"))?;
+            written
+                .mark(self.root_id, &parent, &base)
+                .map_err(io_err("cannot record what the layer wrote"))?;
+        }
         Ok(())
     }
 
@@ -627,7 +1047,6 @@ impl<F: EntryFilter> Applier<F> {
         {
             return Ok(Arc::clone(parent));
         }
-        let Applier { root, dirs, .. } = self;
         // Parents the layer never named get what containerd gives them: 0755, root-owned.
         let implicit = Meta {
             mode: 0o755,
@@ -635,14 +1054,19 @@ impl<F: EntryFilter> Applier<F> {
             gid: 0,
             mtime: None,
         };
+        let mut made = Vec::new();
         let mut failed = None;
-        let fd = root.mkdir_all(rel, &mut |_, made| match fsroot::id_of(made) {
-            // A new directory may reuse a removed one's inode: overwrite.
-            Ok(id) => {
-                dirs.insert(id, implicit);
-            }
-            Err(e) => failed = Some(e),
-        })?;
+        let fd = self
+            .root
+            .mkdir_all(rel, &mut |_, dir| match fsroot::id_of(dir) {
+                Ok(id) => made.push(id),
+                Err(e) => failed = Some(e),
+            });
+        // A new directory may reuse a removed one's inode: overwrite.
+        for id in made {
+            self.set_dir_meta(id, implicit);
+        }
+        let fd = fd?;
         if let Some(e) = failed {
             return Err(e);
         }

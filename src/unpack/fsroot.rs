@@ -41,6 +41,10 @@ const MAX_LINK_HOPS: usize = 40;
 pub struct FsRoot {
     fd: OwnedFd,
     path: PathBuf,
+    /// Refuse (`ELOOP`) to resolve a parent path through any symlink: a
+    /// layer applied beside others must touch only the names it spells out
+    /// (see `unpack::pipeline`).
+    no_symlinks: bool,
 }
 
 /// A file's identity: device and inode numbers.
@@ -76,6 +80,17 @@ impl FsRoot {
         Ok(FsRoot {
             fd,
             path: path.to_path_buf(),
+            no_symlinks: false,
+        })
+    }
+
+    /// The same root on a descriptor of its own, resolving no symlink in
+    /// parent paths.
+    pub(crate) fn without_symlinks(&self) -> io::Result<FsRoot> {
+        Ok(FsRoot {
+            fd: rustix::io::fcntl_dupfd_cloexec(&self.fd, 0)?,
+            path: self.path.clone(),
+            no_symlinks: true,
         })
     }
 
@@ -103,7 +118,11 @@ impl FsRoot {
             target,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
-            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+            if self.no_symlinks {
+                ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_SYMLINKS
+            } else {
+                ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS
+            },
         )?)
     }
 
@@ -166,12 +185,17 @@ impl FsRoot {
                     continue;
                 }
                 Err(rustix::io::Errno::EXIST) => {
-                    // Something is there yet does not resolve: a dangling symlink.
+                    // Something is there yet does not resolve: a dangling
+                    // symlink, or a directory another lane made meanwhile.
                     let stat = rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
+                    if FileType::from_raw_mode(stat.st_mode) == FileType::Directory {
+                        parent = open_child_path(&parent, name)?;
+                        continue;
+                    }
                     if FileType::from_raw_mode(stat.st_mode) != FileType::Symlink {
                         return Err(io::Error::from(io::ErrorKind::NotADirectory));
                     }
-                    if hops >= MAX_LINK_HOPS {
+                    if hops >= MAX_LINK_HOPS || self.no_symlinks {
                         return Err(io::Error::from_raw_os_error(libc_eloop()));
                     }
                     let target = rustix::fs::readlinkat(&parent, name, Vec::new())?;

@@ -11,7 +11,7 @@ pub(crate) mod fsroot;
 pub(crate) mod pipeline;
 pub mod tar;
 
-pub use apply::{Applier, ApplyOptions};
+pub use apply::{Applier, ApplyOptions, ApplyStats, EntryFilter, Unfiltered};
 pub use decompress::decoder;
 pub use fsroot::{FsRoot, Node, normalize, remove_tree, stat_at};
-pub use pipeline::{LayerInput, unpack};
+pub use pipeline::{LayerInput, default_lanes, unpack};

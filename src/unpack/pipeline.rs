@@ -8,8 +8,21 @@
 //! layer size. The decoder reads every stream to its end (the tar parser
 //! stops at the end marker, the diff_id hash must not) and ends each layer
 //! with a verdict that the applier checks before it starts the next.
+//!
+//! Applying is the slower half (creating files and copying their bytes into
+//! the page cache), so with more than one lane ([`Applier::set_lanes`]) the
+//! layers are dealt out round-robin to lanes, each a decoder and an applier
+//! of its own, that run at once where layers cannot interact: Nix layered
+//! images put whole store paths in each layer. What a lane may do without
+//! waiting, and when it waits for earlier layers or gives up, is in
+//! `Applier::admit`; a lane that gives up (or fails in any way) stops them
+//! all with [`Error::LanesInterfered`], and the caller resets the root and
+//! applies everything again in one lane, which is the reference. Stats,
+//! warnings, progress and the filter's notes are taken in layer order.
 
+use std::collections::BTreeMap;
 use std::io::{self, BufReader, Read};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -18,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::oci::digest::{Digest, Hasher, HashingReader};
 use crate::oci::manifest::{Compression, Descriptor};
 use crate::ui::progress::Reporter;
-use crate::unpack::apply::{Applier, EntryFilter};
+use crate::unpack::apply::{Applier, ApplyStats, EntryFilter, LaneShared};
 use crate::unpack::decompress;
 
 const CHUNK: usize = 256 << 10;
@@ -44,13 +57,29 @@ enum Msg {
     End(Result<()>),
 }
 
-/// Unpack `layers` in order onto the applier's root.
-pub fn unpack<F: EntryFilter>(
+/// The most lanes worth running: each is two threads and 4 MiB of buffers.
+const MAX_LANES: usize = 4;
+
+/// How many lanes to apply layers in on this machine.
+pub fn default_lanes() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_LANES)
+}
+
+/// Unpack `layers` onto the applier's root, with the result of applying
+/// them in order. With more than one lane, [`Error::LanesInterfered`] says
+/// to reset the root and unpack again in one lane.
+pub fn unpack<F: EntryFilter + Send>(
     applier: &mut Applier<F>,
     layers: Vec<LayerInput>,
     cancel: &Arc<AtomicBool>,
     reporter: &dyn Reporter,
 ) -> Result<()> {
+    let lanes = applier.lanes().min(layers.len());
+    if lanes > 1 {
+        return unpack_lanes(applier, layers, lanes, cancel, reporter);
+    }
     let labels: Vec<String> = layers
         .iter()
         .map(|l| l.descriptor.digest.to_string())
@@ -267,5 +296,212 @@ impl Read for ChannelReader<'_> {
                 Err(_) => return Err(io::Error::other("the decoder stopped")),
             }
         }
+    }
+}
+
+/// A lane's filter: asks the shared filter what to skip, keeps the notes of
+/// the layer it applies for the collector to give in layer order.
+struct LaneFilter<'a, 'f, F> {
+    shared: &'a Mutex<&'f mut F>,
+    notes: Vec<PathBuf>,
+}
+
+impl<F: EntryFilter> EntryFilter for LaneFilter<'_, '_, F> {
+    fn note(&mut self, rel: &Path) {
+        self.notes.push(rel.to_path_buf());
+    }
+
+    fn skip(&self, rel: &Path) -> bool {
+        self.shared.lock().expect("filter lock").skip(rel)
+    }
+}
+
+/// What a lane reports of one layer.
+struct LayerDone {
+    /// Position in `layers`.
+    pos: usize,
+    applied: Result<()>,
+    verdict: Option<Result<()>>,
+    stats: ApplyStats,
+    warnings: Vec<String>,
+    notes: Vec<PathBuf>,
+}
+
+fn unpack_lanes<F: EntryFilter + Send>(
+    applier: &mut Applier<F>,
+    layers: Vec<LayerInput>,
+    lanes: usize,
+    cancel: &Arc<AtomicBool>,
+    reporter: &dyn Reporter,
+) -> Result<()> {
+    let count = layers.len();
+    let labels: Vec<String> = layers
+        .iter()
+        .map(|l| l.descriptor.digest.to_string())
+        .collect();
+    let shared = Arc::new(LaneShared::new(count, Arc::clone(cancel)));
+    let existed = applier.ancestors_exist();
+    // Lane appliers first: they copy what they need of the main applier,
+    // whose filter the lanes then share.
+    let mut bases = Vec::new();
+    for _ in 0..lanes {
+        bases.push(applier.lane_applier(crate::unpack::apply::Unfiltered, &shared)?);
+    }
+    let mut dealt: Vec<Vec<(usize, LayerInput)>> = (0..lanes).map(|_| Vec::new()).collect();
+    for (pos, layer) in layers.into_iter().enumerate() {
+        dealt[pos % lanes].push((pos, layer));
+    }
+    let mut totals = ApplyStats::default();
+    let filter = Mutex::new(applier.filter_mut());
+    let result = std::thread::scope(|scope| {
+        let (done_tx, done_rx) = channel::<LayerDone>();
+        for (mine, base) in dealt.into_iter().zip(bases) {
+            let lane_applier = base.refilter(LaneFilter {
+                shared: &filter,
+                notes: Vec::new(),
+            });
+            let (tx, rx) = sync_channel::<Msg>(DEPTH);
+            let (free_tx, free_rx) = channel::<Vec<u8>>();
+            let order: Vec<usize> = mine.iter().map(|(pos, _)| *pos).collect();
+            let inputs: Vec<LayerInput> = mine.into_iter().map(|(_, l)| l).collect();
+            let decoder_cancel = Arc::clone(cancel);
+            scope.spawn(move || decode_all(inputs, tx, free_rx, &decoder_cancel));
+            let done_tx = done_tx.clone();
+            let labels = &labels;
+            let shared = &shared;
+            scope.spawn(move || {
+                lane_run(lane_applier, &order, labels, rx, free_tx, shared, done_tx)
+            });
+        }
+        drop(done_tx);
+        let result = collect(
+            &done_rx,
+            count,
+            &labels,
+            &shared,
+            &filter,
+            &mut totals,
+            reporter,
+        );
+        if result.is_err() {
+            shared.stop(!shared.cancelled());
+        }
+        result
+    });
+    result?;
+    applier.absorb_lanes(&shared, &totals, existed)
+}
+
+/// One lane: apply its layers in turn, reporting each.
+fn lane_run<F: EntryFilter>(
+    mut applier: Applier<LaneFilter<'_, '_, F>>,
+    order: &[usize],
+    labels: &[String],
+    rx: Receiver<Msg>,
+    free: Sender<Vec<u8>>,
+    shared: &LaneShared,
+    done: Sender<LayerDone>,
+) {
+    for &pos in order {
+        let label = &labels[pos];
+        let mut reader = ChannelReader {
+            rx: &rx,
+            free: &free,
+            current: Vec::new(),
+            pos: 0,
+            end: None,
+        };
+        applier.start_lane_layer(pos);
+        applier.filter_mut().notes.clear();
+        let applied = applier.apply_layer(label, &mut reader);
+        let verdict = reader.end.take();
+        let (stats, warnings) = applier.end_lane_layer();
+        let ok = applied.is_ok() && matches!(verdict, Some(Ok(())));
+        if ok {
+            shared.mark_done(pos);
+        } else {
+            shared.stop(!shared.cancelled());
+        }
+        let notes = std::mem::take(&mut applier.filter_mut().notes);
+        let sent = done.send(LayerDone {
+            pos,
+            applied,
+            verdict,
+            stats,
+            warnings,
+            notes,
+        });
+        if !ok || sent.is_err() {
+            return;
+        }
+    }
+}
+
+/// Take the lanes' reports in layer order: progress, warnings, the
+/// filter's notes and the stats, as applying in order gives them. The
+/// first layer that did not apply cleanly decides the result: its
+/// decoder's verdict when that failed (as in order), else
+/// [`Error::LanesInterfered`], since a lane's failure may come from
+/// running beside another.
+fn collect<F: EntryFilter>(
+    rx: &Receiver<LayerDone>,
+    count: usize,
+    labels: &[String],
+    shared: &LaneShared,
+    filter: &Mutex<&mut F>,
+    totals: &mut ApplyStats,
+    reporter: &dyn Reporter,
+) -> Result<()> {
+    let mut waiting: BTreeMap<usize, LayerDone> = BTreeMap::new();
+    let mut next = 0;
+    while next < count {
+        let Some(done) = waiting.remove(&next) else {
+            match rx.recv() {
+                Ok(done) => {
+                    waiting.insert(done.pos, done);
+                    continue;
+                }
+                // Every lane ended before layer `next` was reported.
+                Err(_) => return Err(stopped(shared)),
+            }
+        };
+        let label = &labels[next];
+        match (done.applied, done.verdict) {
+            (Ok(()), Some(Ok(()))) => {}
+            (_, Some(Err(e))) if !matches!(e, Error::Interrupted) => return Err(e),
+            _ => return Err(stopped(shared)),
+        }
+        for w in done.warnings {
+            reporter.warn(&w);
+        }
+        {
+            let mut f = filter.lock().expect("filter lock");
+            f.start_layer();
+            for rel in &done.notes {
+                f.note(rel);
+            }
+        }
+        let s = done.stats;
+        totals.files += s.files;
+        totals.dirs += s.dirs;
+        totals.symlinks += s.symlinks;
+        totals.hardlinks += s.hardlinks;
+        totals.whiteouts += s.whiteouts;
+        totals.skipped_special += s.skipped_special;
+        totals.bytes += s.bytes;
+        reporter.layer_applied(&label[..19.min(label.len())]);
+        next += 1;
+    }
+    Ok(())
+}
+
+/// Why the lanes stopped: the run was cancelled, or they interfered.
+fn stopped(shared: &LaneShared) -> Error {
+    if shared.abort.load(Ordering::SeqCst) {
+        Error::LanesInterfered {
+            reason: "a layer could not be applied beside the others".to_string(),
+        }
+    } else {
+        Error::Interrupted
     }
 }
