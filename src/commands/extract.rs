@@ -25,7 +25,7 @@ use crate::seed::state::{Layout, STATE_FILE};
 use crate::ui::cancel::Cancel;
 use crate::ui::progress::Reporter;
 use crate::unpack::apply::{Applier, ApplyOptions};
-use crate::unpack::pipeline::{self, default_lanes};
+use crate::unpack::pipeline::{self, lanes_for};
 
 /// Everything `extract` needs to know.
 #[derive(Clone, Debug)]
@@ -77,7 +77,7 @@ pub async fn extract(
     let staging = out.stage()?;
     let plan = SkipPlan::new(&out, &resolved)?;
     let apply = ApplyOptions::for_current_user(opts.rootfs);
-    let (mut attempt, mut lanes) = (plan.clone(), default_lanes());
+    let (mut attempt, mut lanes) = (plan.clone(), lanes_for(opts.rootfs));
     let lacks = format!("{} does not hold all its store paths", out.dir().display());
     needed_omitted(&archive, &resolved, &plan.layers, &lacks)?;
     let unpacked = loop {

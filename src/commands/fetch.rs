@@ -31,7 +31,7 @@ use crate::seed::state::Layout;
 use crate::ui::cancel::Cancel;
 use crate::ui::progress::Reporter;
 use crate::unpack::apply::{Applier, ApplyOptions};
-use crate::unpack::pipeline::default_lanes;
+use crate::unpack::pipeline::lanes_for;
 
 /// Everything `fetch` needs to know.
 #[derive(Clone, Debug)]
@@ -142,7 +142,7 @@ pub async fn fetch(
     };
     // Each retry gives up something the first attempt could do, so at most
     // three follow it.
-    let (mut attempt, mut follow, mut lanes) = (plan.clone(), true, default_lanes());
+    let (mut attempt, mut follow, mut lanes) = (plan.clone(), true, lanes_for(opts.rootfs));
     let unpacked = loop {
         match unpack_into(attempt.clone(), follow, lanes).await {
             // Applying in one lane is the reference; it can always be done.

@@ -14,4 +14,4 @@ pub mod tar;
 pub use apply::{Applier, ApplyOptions, ApplyStats, EntryFilter, Unfiltered};
 pub use decompress::decoder;
 pub use fsroot::{FsRoot, Node, normalize, remove_tree, stat_at};
-pub use pipeline::{LayerInput, default_lanes, unpack};
+pub use pipeline::{LayerInput, unpack};

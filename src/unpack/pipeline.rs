@@ -67,6 +67,14 @@ pub fn default_lanes() -> usize {
         .min(MAX_LANES)
 }
 
+/// The lanes for a run: [`default_lanes`] for a Nix seed, whose layers hold
+/// whole store paths and so run side by side; one for `--rootfs`, where an
+/// image's whiteouts would stop the lanes and make every layer be applied
+/// twice.
+pub fn lanes_for(rootfs: bool) -> usize {
+    if rootfs { 1 } else { default_lanes() }
+}
+
 /// Unpack `layers` onto the applier's root, with the result of applying
 /// them in order. With more than one lane, [`Error::LanesInterfered`] says
 /// to reset the root and unpack again in one lane.
