@@ -32,6 +32,7 @@ use crate::ui::progress::Reporter;
 use crate::unpack::apply::EntryFilter;
 use crate::unpack::decoder;
 use crate::unpack::fsroot::normalize;
+use crate::unpack::tar::{Kind, Reader};
 
 /// A state file bigger than this is not one.
 const MAX_STATE_BYTES: u64 = 64 << 20;
@@ -198,20 +199,21 @@ fn store_only(archive: &Archive, desc: &Descriptor) -> Result<bool> {
     let mut hashing = HashingReader::new(archive.blob_stream(&desc.digest)?);
     let mut filter = StoreLayers::default();
     filter.start_layer();
-    let read = (|| -> Result<()> {
-        let input = decoder(&layer, BufReader::new(&mut hashing), compression)?;
-        let mut tar = tar::Archive::new(input);
-        let entries = tar.entries().map_err(|e| not_a_layer(&layer, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| not_a_layer(&layer, e))?;
-            filter.note(&normalize(&entry.path_bytes()));
-        }
-        Ok(())
-    })();
-    if read.is_err() {
-        // A blob that cannot be read is not one the far side unpacked.
+    // Read as the applier reads layers; a blob that cannot be read is not
+    // one the far side unpacked.
+    let Ok(input) = decoder(&layer, BufReader::new(&mut hashing), compression) else {
         return Ok(false);
+    };
+    let mut tar = Reader::new(input);
+    loop {
+        match tar.next_entry() {
+            Ok(Some(entry)) if matches!(entry.header.kind, Kind::GLOBAL | Kind::GNU_VOLUME) => {}
+            Ok(Some(entry)) => filter.note(&normalize(&entry.header.name)),
+            Ok(None) => break,
+            Err(_) => return Ok(false),
+        }
     }
+    drop(tar);
     hashing
         .drain()
         .map_err(|e| Error::io(PathBuf::from(&layer), "cannot read", e))?;
@@ -224,14 +226,6 @@ fn store_only(archive: &Archive, desc: &Descriptor) -> Result<bool> {
         .pop()
         .flatten()
         .is_some_and(|paths| !paths.is_empty()))
-}
-
-fn not_a_layer(layer: &str, e: std::io::Error) -> Error {
-    Error::Layer {
-        layer: layer.to_string(),
-        reason: "not a tar archive".to_string(),
-        source: Some(e),
-    }
 }
 
 /// Does the file start (after white space) with `{`?
