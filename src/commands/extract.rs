@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::oci::layout::{Archive, Listing, Partial};
 use crate::oci::platform::Platform;
 use crate::oci::resolve::ResolvedImage;
-use crate::oci::source::{SourceName, shell_word};
+use crate::oci::source::SourceName;
 use crate::seed::layers::StoreLayers;
 use crate::seed::output::{Existing, OutputDir, Staging, check_options};
 use crate::seed::publish::Summary;
@@ -24,6 +24,7 @@ use crate::seed::publish::{SkipPlan, Unpacked, already_holds, finish_output, wit
 use crate::seed::state::{Layout, STATE_FILE};
 use crate::ui::cancel::Cancel;
 use crate::ui::progress::Reporter;
+use crate::ui::words::{plural, shell_word};
 use crate::unpack::apply::{Applier, ApplyOptions};
 use crate::unpack::pipeline::{self, lanes_for};
 
@@ -132,11 +133,7 @@ fn partial_refused(opts: &ExtractOptions, partial: &Partial) -> Error {
         reason: format!(
             "leaves out {} {} (made by `pull --have` against {}, {}); merge it into that seed: `{command}`",
             partial.omitted.len(),
-            if partial.omitted.len() == 1 {
-                "layer"
-            } else {
-                "layers"
-            },
+            plural(partial.omitted.len() as u64, "layer"),
             partial.what,
             partial.against
         ),

@@ -34,6 +34,7 @@ use crate::registry::client::{Registry, RegistryOptions};
 use crate::seed::delta::Have;
 use crate::ui::cancel::Cancel;
 use crate::ui::progress::Reporter;
+use crate::ui::words::plural;
 use crate::unpack::fsroot;
 
 /// Everything `pull` needs to know.
@@ -87,11 +88,7 @@ impl PullSummary {
             format!(
                 " ({} {} of {:.1} MB left out: the far side has them)",
                 self.layers_omitted,
-                if self.layers_omitted == 1 {
-                    "layer"
-                } else {
-                    "layers"
-                },
+                plural(self.layers_omitted as u64, "layer"),
                 self.bytes_omitted as f64 / 1e6
             )
         } else {
@@ -258,11 +255,7 @@ pub async fn pull(
         reporter.info(&format!(
             "leaving out {} {} ({:.1} MB) the far side has",
             left_out.len(),
-            if left_out.len() == 1 {
-                "layer"
-            } else {
-                "layers"
-            },
+            plural(left_out.len() as u64, "layer"),
             left_out.iter().map(|l| l.size).sum::<u64>() as f64 / 1e6
         ));
     }

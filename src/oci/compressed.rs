@@ -14,6 +14,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
+use crate::unpack::decompress::{GZIP_MAGIC, ZSTD_MAGIC};
 
 /// The most memory the xz decoder may use for one block, in KiB: xz -9
 /// needs 64 MiB of dictionary; a file that asks for more than this is
@@ -35,9 +36,9 @@ impl Packing {
     pub const HEAD: usize = 10;
 
     pub fn sniff(head: &[u8]) -> Option<Packing> {
-        if head.starts_with(&[0x1f, 0x8b]) {
+        if head.starts_with(GZIP_MAGIC) {
             Some(Packing::Gzip)
-        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        } else if head.starts_with(ZSTD_MAGIC) {
             Some(Packing::Zstd)
         } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
             Some(Packing::Xz)

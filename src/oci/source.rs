@@ -134,19 +134,6 @@ impl fmt::Display for SourceName {
     }
 }
 
-/// `word` as one shell word: as it is when that is safe, else single-quoted.
-pub fn shell_word(word: &str) -> String {
-    let plain = !word.is_empty()
-        && word
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_-./:@=+,%".contains(&b));
-    if plain {
-        word.to_string()
-    } else {
-        format!("'{}'", word.replace('\'', r"'\''"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,12 +184,5 @@ mod tests {
         );
         assert_eq!(err.exit(), crate::error::Exit::Usage);
         assert!(SourceName::parse("oci:").is_err());
-    }
-
-    #[test]
-    fn shell_words_are_quoted_only_when_needed() {
-        assert_eq!(shell_word("oci:/a/b:v1"), "oci:/a/b:v1");
-        assert_eq!(shell_word("my dir"), "'my dir'");
-        assert_eq!(shell_word("it's"), r"'it'\''s'");
     }
 }

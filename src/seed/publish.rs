@@ -24,6 +24,7 @@ use crate::seed::output::{self, Existing, Holding, OutputDir, Staging};
 use crate::seed::state::{ImageRecord, Layout, State, StoreLayer};
 use crate::ui::cancel::Cancel;
 use crate::ui::progress::Reporter;
+use crate::ui::words::{plural, shell_word};
 use crate::unpack::apply::ApplyStats;
 
 /// What a run did, for `--json` and for tests.
@@ -100,25 +101,6 @@ impl Summary {
             ));
         }
         line
-    }
-}
-
-/// `noun`, with an `s` unless there is one.
-fn plural(n: u64, noun: &str) -> String {
-    if n == 1 {
-        noun.to_string()
-    } else {
-        format!("{noun}s")
-    }
-}
-
-/// `word` as the shell reads it back: as it is when that is safe, else in single quotes.
-fn shell_word(word: &str) -> String {
-    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+:=@%,".contains(c);
-    if !word.is_empty() && word.chars().all(safe) {
-        word.to_string()
-    } else {
-        format!("'{}'", word.replace('\'', "'\\''"))
     }
 }
 

@@ -148,7 +148,7 @@ impl State {
             dir: dir.to_path_buf(),
             reason: format!("the state file {STATE_FILE} is damaged ({e}); use --replace to rebuild the directory"),
         })?;
-        if state.version != VERSION {
+        if !state.is_current_format() {
             return Err(Error::Output {
                 dir: dir.to_path_buf(),
                 reason: format!(

@@ -79,6 +79,18 @@ pub struct ApplyStats {
     pub bytes: u64,
 }
 
+impl std::ops::AddAssign<&ApplyStats> for ApplyStats {
+    fn add_assign(&mut self, other: &ApplyStats) {
+        self.files += other.files;
+        self.dirs += other.dirs;
+        self.symlinks += other.symlinks;
+        self.hardlinks += other.hardlinks;
+        self.whiteouts += other.whiteouts;
+        self.skipped_special += other.skipped_special;
+        self.bytes += other.bytes;
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Meta {
     mode: u32,
@@ -498,20 +510,13 @@ impl<F: EntryFilter> Applier<F> {
         stats: &ApplyStats,
         existed: [bool; 2],
     ) -> Result<()> {
-        let s = &mut self.stats;
-        s.files += stats.files;
-        s.dirs += stats.dirs;
-        s.symlinks += stats.symlinks;
-        s.hardlinks += stats.hardlinks;
-        s.whiteouts += stats.whiteouts;
-        s.skipped_special += stats.skipped_special;
-        s.bytes += stats.bytes;
+        self.stats += stats;
         // In order, an ancestor entry counts as a directory made when it is
         // the first entry to need the directory.
         let made = *shared.made.lock().expect("lane lock");
         for (first, existed) in made.iter().zip(existed) {
             if !existed && matches!(first, Some((_, true))) {
-                s.dirs += 1;
+                self.stats.dirs += 1;
             }
         }
         self.dirs

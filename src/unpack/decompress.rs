@@ -16,8 +16,8 @@ use crate::oci::manifest::Compression;
 /// default ceiling for frames that do not ask for more with `--long`.
 pub const ZSTD_WINDOW_LOG_MAX: u32 = 27;
 
-const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
-const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+pub(crate) const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
+pub(crate) const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
 
 /// What the first bytes of a blob say it is.
 pub fn sniff(head: &[u8]) -> Option<Compression> {

@@ -489,14 +489,7 @@ fn collect<F: EntryFilter>(
                 f.note(rel);
             }
         }
-        let s = done.stats;
-        totals.files += s.files;
-        totals.dirs += s.dirs;
-        totals.symlinks += s.symlinks;
-        totals.hardlinks += s.hardlinks;
-        totals.whiteouts += s.whiteouts;
-        totals.skipped_special += s.skipped_special;
-        totals.bytes += s.bytes;
+        *totals += &done.stats;
         reporter.layer_applied(&label[..19.min(label.len())]);
         next += 1;
     }

@@ -49,8 +49,9 @@ use crate::oci::manifest::{
 use crate::oci::platform::Platform;
 use crate::oci::reference::ImageRef;
 use crate::oci::resolve::{FinishResolve, ResolvedImage, finish_resolve};
-use crate::oci::source::{Format, Pick, SourceName, shell_word};
+use crate::oci::source::{Format, Pick, SourceName};
 use crate::ui::progress::Reporter;
+use crate::ui::words::{plural, shell_word};
 use crate::unpack::pipeline::LayerInput;
 
 mod files;
@@ -367,7 +368,7 @@ impl Listing {
                 p.against_what,
                 p.against,
                 p.omitted.len(),
-                if p.omitted.len() == 1 { "layer" } else { "layers" }
+                plural(p.omitted.len() as u64, "layer")
             ));
         }
         out.trim_end().to_string()
