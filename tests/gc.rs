@@ -18,7 +18,7 @@ use hydrafy::oci::Digest;
 use hydrafy::seed::{ImageRecord, Layout, State};
 use rusqlite::Connection;
 
-use crate::support::nix::{instantiate, nix};
+use crate::support::nix::{instantiate, nix_store};
 use crate::support::{
     TestEnv, assert_fails, assert_ok, require_tool, seed_fingerprint, stderr, stdout,
 };
@@ -747,15 +747,7 @@ fn links_left_with_one_link_are_removed() {
     let seed = Seed::new();
     let doomed = seed.make_tree("doomed");
     let kept = seed.make_tree("kept");
-    let out = nix("nix-store", &seed.dir())
-        .arg("--optimise")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    nix_store(&seed.dir(), &["--optimise"]);
     let links = seed.dir().join("nix/store/.links");
     let count = || std::fs::read_dir(&links).unwrap().count();
     let before = count();

@@ -47,53 +47,34 @@ pub fn instantiate(root: &Path, expr: &str) -> Vec<String> {
     serde_json::from_slice(&out.stdout).expect("nix-instantiate printed a JSON list")
 }
 
-/// `nix-store --add FILE` into the store at `root` (a "cached build"); returns its path.
-pub fn add(root: &Path, file: &Path) -> String {
-    let out = nix("nix-store", root)
-        .arg("--add")
-        .arg(file)
-        .output()
-        .unwrap();
+/// `nix-store ARGS` on the store at `root`, which must succeed; its stdout.
+pub fn nix_store(root: &Path, args: &[&str]) -> String {
+    let out = nix("nix-store", root).args(args).output().unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "nix-store {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `nix-store --add FILE` into the store at `root` (a "cached build"); returns its path.
+pub fn add(root: &Path, file: &Path) -> String {
+    nix_store(root, &["--add", file.to_str().unwrap()])
+        .trim()
+        .to_string()
 }
 
 /// `nix-store -q ARGS` on the store at `root`; stdout lines.
 pub fn query(root: &Path, args: &[&str]) -> Vec<String> {
-    let out = nix("nix-store", root)
-        .arg("-q")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "nix-store -q {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect()
+    let args: Vec<&str> = ["-q"].into_iter().chain(args.iter().copied()).collect();
+    nix_store(root, &args).lines().map(str::to_string).collect()
 }
 
 /// Whether Nix holds `path` valid in the store at `root` (a `nix-store`
 /// that cannot answer fails the test).
 pub fn is_valid(root: &Path, path: &str) -> bool {
-    let out = nix("nix-store", root)
-        .args(["--check-validity", "--print-invalid", path])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout.is_empty()
+    nix_store(root, &["--check-validity", "--print-invalid", path]).is_empty()
 }
 
 /// The oracle: `nix-store --verify --check-contents` on the store at `root`.
