@@ -112,7 +112,7 @@ async fn run(cli: Cli, cancel: Cancel) -> Exit {
                     }
                     conclude(&report, args.report.json, report.failure())
                 }
-                Err(e) => finish::<()>(Err(e), false),
+                Err(e) => fail(e),
             }
         }
         Command::Gc(args) => {
@@ -127,7 +127,7 @@ async fn run(cli: Cli, cancel: Cancel) -> Exit {
                     }
                     conclude(&report, args.report.json, None)
                 }
-                Err(e) => finish::<()>(Err(e), false),
+                Err(e) => fail(e),
             }
         }
         Command::Status(args) => {
@@ -139,7 +139,7 @@ async fn run(cli: Cli, cancel: Cancel) -> Exit {
                     }
                     conclude(&report, args.report.json, None)
                 }
-                Err(e) => finish::<()>(Err(e), false),
+                Err(e) => fail(e),
             }
         }
         Command::RunnerConfig(args) => {
@@ -151,7 +151,7 @@ async fn run(cli: Cli, cancel: Cancel) -> Exit {
                     }
                     conclude(&report, args.report.json, None)
                 }
-                Err(e) => finish::<()>(Err(e), false),
+                Err(e) => fail(e),
             }
         }
         Command::Completions(args) => {
@@ -163,7 +163,7 @@ async fn run(cli: Cli, cancel: Cancel) -> Exit {
                 print_bytes(&page);
                 Exit::Success
             }
-            Err(e) => finish::<()>(Err(e), false),
+            Err(e) => fail(e),
         },
     }
 }
@@ -187,13 +187,13 @@ fn conclude<T: serde::Serialize>(summary: &T, json: bool, failure: Option<crate:
         let text = serde_json::to_string(summary).expect("summary serialises");
         print_stdout(&text);
     }
-    match failure {
-        None => Exit::Success,
-        Some(e) => {
-            eprintln!("hydrafy: error: {}", report(&e));
-            e.exit()
-        }
-    }
+    failure.map_or(Exit::Success, fail)
+}
+
+/// One error line on stderr, and the exit status its kind calls for.
+fn fail(e: crate::Error) -> Exit {
+    eprintln!("hydrafy: error: {}", report(&e));
+    e.exit()
 }
 
 /// Run a streaming command: progress on stderr in the style the options
@@ -223,22 +223,12 @@ where
     finish(result, report.json)
 }
 
-/// Print the outcome: the JSON summary on stdout, or one error line on stderr.
+/// Print the outcome: the JSON summary on stdout (when asked), or one
+/// error line on stderr.
 fn finish<T: serde::Serialize>(result: Result<T>, json: bool) -> Exit {
     match result {
-        Ok(summary) => {
-            if json {
-                let mut out = std::io::stdout().lock();
-                let text = serde_json::to_string(&summary).expect("summary serialises");
-                // A closed pipe (`hydrafy ... --json | head -c0`) is not an error.
-                let _ = writeln!(out, "{text}");
-            }
-            Exit::Success
-        }
-        Err(e) => {
-            eprintln!("hydrafy: error: {}", report(&e));
-            e.exit()
-        }
+        Ok(summary) => conclude(&summary, json, None),
+        Err(e) => fail(e),
     }
 }
 
