@@ -21,6 +21,7 @@ use crate::oci::platform::Platform;
 use crate::oci::source::SourceName;
 use crate::registry::client::{Mirror, RegistryOptions};
 use crate::seed::output::Existing;
+use crate::ui::progress::{Progress, Style};
 
 const EXIT_CODES: &str = "\
 Exit status:
@@ -445,6 +446,13 @@ pub struct ReportArgs {
     /// Print one JSON summary object on stdout when done.
     #[arg(long)]
     pub json: bool,
+}
+
+impl ReportArgs {
+    /// Progress on stderr in the style these options and the terminal call for.
+    pub fn progress(&self) -> Progress {
+        Progress::new(Style::detect(self.quiet))
+    }
 }
 
 impl OutputArgs {

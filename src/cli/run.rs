@@ -18,7 +18,7 @@ use crate::commands::pull::PullSummary;
 use crate::error::{Exit, Result, report, sanitize};
 use crate::seed::publish::Summary;
 use crate::ui::cancel::Cancel;
-use crate::ui::progress::{Progress, Reporter, Style};
+use crate::ui::progress::{Progress, Reporter};
 
 /// The whole program: what `hydrafy` does with its command line.
 pub fn main() -> ExitCode {
@@ -67,7 +67,7 @@ async fn run(cli: Cli, cancel: Cancel) -> Exit {
             streaming(&args.report, args.options(), run, PullSummary::line).await
         }
         Command::Extract(args) if args.list => {
-            let progress = Arc::new(Progress::new(Style::detect(args.report.quiet)));
+            let progress = Arc::new(args.report.progress());
             let result = match args.options() {
                 Ok(opts) => crate::commands::extract::list(&opts, progress.clone(), &cancel).await,
                 Err(e) => Err(e),
@@ -95,7 +95,7 @@ async fn run(cli: Cli, cancel: Cancel) -> Exit {
             finish(result, false)
         }
         Command::Verify(args) => {
-            let progress = Progress::new(Style::detect(args.report.quiet));
+            let progress = args.report.progress();
             let flag = cancel.flag();
             match crate::nix::verify::verify(&args.options(), &progress, &flag) {
                 Ok(report) => {
@@ -116,7 +116,7 @@ async fn run(cli: Cli, cancel: Cancel) -> Exit {
             }
         }
         Command::Gc(args) => {
-            let progress = Progress::new(Style::detect(args.report.quiet));
+            let progress = args.report.progress();
             let report = args
                 .options()
                 .and_then(|opts| crate::gc::gc(&opts, &progress, &cancel.flag()));
@@ -131,7 +131,7 @@ async fn run(cli: Cli, cancel: Cancel) -> Exit {
             }
         }
         Command::Status(args) => {
-            let progress = Progress::new(Style::detect(args.report.quiet));
+            let progress = args.report.progress();
             match crate::commands::status::status(&args.options(), &progress, &cancel.flag()) {
                 Ok(report) => {
                     if !args.report.json {
@@ -143,7 +143,7 @@ async fn run(cli: Cli, cancel: Cancel) -> Exit {
             }
         }
         Command::RunnerConfig(args) => {
-            let progress = Progress::new(Style::detect(args.report.quiet));
+            let progress = args.report.progress();
             match crate::commands::runner_config::runner_config(&args.options(), &progress) {
                 Ok(report) => {
                     if !args.report.json {
@@ -211,7 +211,7 @@ where
     T: serde::Serialize,
     F: Future<Output = Result<T>>,
 {
-    let progress = Arc::new(Progress::new(Style::detect(report.quiet)));
+    let progress = Arc::new(report.progress());
     let result = match options {
         Ok(opts) => run(opts, Arc::clone(&progress)).await,
         Err(e) => Err(e),
