@@ -56,6 +56,8 @@
 
 use std::io::{self, Read};
 
+use crate::unpack::decompress::read_full;
+
 /// The largest PAX record set or GNU long name accepted (1 MiB, Go's limit).
 pub const MAX_EXTENSION_BYTES: u64 = 1 << 20;
 
@@ -398,16 +400,7 @@ impl<R: Read> Reader<R> {
     /// Read up to `len` bytes into the block buffer; fewer only at the end
     /// of the stream.
     fn fill(&mut self, len: usize) -> Result<usize, Fault> {
-        let mut n = 0;
-        while n < len {
-            match self.inner.read(&mut self.blk[n..len]) {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Fault::Io(e)),
-            }
-        }
-        Ok(n)
+        read_full(&mut self.inner, &mut self.blk[..len]).map_err(Fault::Io)
     }
 
     /// Read and parse the next header block into `self.header`; `false` at
