@@ -17,7 +17,6 @@ use crate::oci::layout::{Archive, Listing, Partial};
 use crate::oci::platform::Platform;
 use crate::oci::resolve::ResolvedImage;
 use crate::oci::source::SourceName;
-use crate::seed::layers::StoreLayers;
 use crate::seed::output::{Existing, OutputDir, Staging, check_options};
 use crate::seed::publish::Summary;
 use crate::seed::publish::{SkipPlan, Unpacked, already_holds, finish_output, without_skips};
@@ -25,7 +24,7 @@ use crate::seed::state::{Layout, STATE_FILE};
 use crate::ui::cancel::Cancel;
 use crate::ui::progress::Reporter;
 use crate::ui::words::{plural, shell_word};
-use crate::unpack::apply::{Applier, ApplyOptions};
+use crate::unpack::apply::ApplyOptions;
 use crate::unpack::pipeline::{self, lanes_for};
 
 /// Everything `extract` needs to know.
@@ -190,12 +189,7 @@ async fn unpack_archive(
 ) -> Result<Unpacked> {
     let layers = archive.layer_inputs(resolved, &plan.layers)?;
     reporter.layer_total(layers.len() as u64);
-    let mut applier = Applier::filtered(
-        &staging.rootfs(),
-        apply,
-        StoreLayers::skipping(plan.paths.clone()),
-    )?;
-    applier.set_lanes(lanes);
+    let mut applier = plan.applier(staging, apply, lanes)?;
     // A failed attempt stops its own decoder, not the run: the caller may retry.
     let (cancel, _link) = cancel.attempt();
     applier.set_cancel(cancel.flag());

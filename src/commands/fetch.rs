@@ -22,7 +22,6 @@ use crate::oci::platform::Platform;
 use crate::oci::reference::ImageRef;
 use crate::oci::resolve::{FinishResolve, ResolvedImage, finish_resolve};
 use crate::registry::client::{Registry, RegistryOptions};
-use crate::seed::layers::StoreLayers;
 use crate::seed::output::{Existing, OutputDir};
 use crate::seed::publish::{
     SkipPlan, Summary, Unpacked, already_holds, finish_output, without_skips,
@@ -30,7 +29,7 @@ use crate::seed::publish::{
 use crate::seed::state::Layout;
 use crate::ui::cancel::Cancel;
 use crate::ui::progress::Reporter;
-use crate::unpack::apply::{Applier, ApplyOptions};
+use crate::unpack::apply::ApplyOptions;
 use crate::unpack::pipeline::lanes_for;
 
 /// Everything `fetch` needs to know.
@@ -115,12 +114,7 @@ pub async fn fetch(
         let registry = Arc::clone(&registry);
         let (staging, resolved, store, reporter) = (&staging, &resolved, &store, &reporter);
         async move {
-            let mut applier = Applier::filtered(
-                &staging.rootfs(),
-                apply,
-                StoreLayers::skipping(plan.paths.clone()),
-            )?;
-            applier.set_lanes(lanes);
+            let applier = plan.applier(staging, apply, lanes)?;
             let (stats, mut filter, downloaded) = unpack_from_registry(
                 registry,
                 resolved,

@@ -20,12 +20,13 @@ use crate::nix::db::{self, Merge, MergeSummary};
 use crate::oci::digest::Digest;
 use crate::oci::platform::Platform;
 use crate::oci::resolve::ResolvedImage;
+use crate::seed::layers::StoreLayers;
 use crate::seed::output::{self, Existing, Holding, OutputDir, Staging};
 use crate::seed::state::{ImageRecord, Layout, State, StoreLayer};
 use crate::ui::cancel::Cancel;
 use crate::ui::progress::Reporter;
 use crate::ui::words::{plural, shell_word};
-use crate::unpack::apply::ApplyStats;
+use crate::unpack::apply::{Applier, ApplyOptions, ApplyStats};
 
 /// What a run did, for `--json` and for tests.
 #[derive(Clone, Debug, Serialize)]
@@ -126,6 +127,23 @@ pub struct SkipPlan {
 }
 
 impl SkipPlan {
+    /// An applier onto `staging`'s root that leaves out what the plan
+    /// skips, in `lanes` lanes.
+    pub fn applier(
+        &self,
+        staging: &Staging,
+        apply: ApplyOptions,
+        lanes: usize,
+    ) -> Result<Applier<StoreLayers>> {
+        let mut applier = Applier::filtered(
+            &staging.rootfs(),
+            apply,
+            StoreLayers::skipping(self.paths.clone()),
+        )?;
+        applier.set_lanes(lanes);
+        Ok(applier)
+    }
+
     /// Nothing skipped.
     pub fn none(resolved: &ResolvedImage) -> SkipPlan {
         SkipPlan {
