@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
+use std::thread::{Scope, ScopedJoinHandle};
 
 use crate::error::{Error, Result};
 use crate::oci::digest::{Digest, Hasher, HashingReader};
@@ -96,7 +97,9 @@ pub fn unpack<F: EntryFilter + Send>(
     let (free_tx, free_rx) = channel::<Vec<u8>>();
     std::thread::scope(|scope| {
         let decoder_cancel = Arc::clone(cancel);
-        scope.spawn(move || decode_all(layers, tx, free_rx, &decoder_cancel));
+        named(scope, "decode".into(), move || {
+            decode_all(layers, tx, free_rx, &decoder_cancel)
+        });
         let result = apply_all(applier, &labels, rx, free_tx, reporter);
         if result.is_err() {
             // Stop the decoder: it may be waiting for a download that no longer matters.
@@ -104,6 +107,19 @@ pub fn unpack<F: EntryFilter + Send>(
         }
         result
     })
+}
+
+/// Start a thread in `scope` under `name`, which `top -H`, perf and panic
+/// messages show. Like `Scope::spawn`, it panics if no thread can be made.
+fn named<'scope, T: Send + 'scope>(
+    scope: &'scope Scope<'scope, '_>,
+    name: String,
+    work: impl FnOnce() -> T + Send + 'scope,
+) -> ScopedJoinHandle<'scope, T> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn_scoped(scope, work)
+        .expect("cannot start a thread")
 }
 
 fn apply_all<F: EntryFilter>(
@@ -363,7 +379,7 @@ fn unpack_lanes<F: EntryFilter + Send>(
     let filter = Mutex::new(applier.filter_mut());
     let result = std::thread::scope(|scope| {
         let (done_tx, done_rx) = channel::<LayerDone>();
-        for (mine, base) in dealt.into_iter().zip(bases) {
+        for (lane, (mine, base)) in dealt.into_iter().zip(bases).enumerate() {
             let lane_applier = base.refilter(LaneFilter {
                 shared: &filter,
                 notes: Vec::new(),
@@ -373,11 +389,13 @@ fn unpack_lanes<F: EntryFilter + Send>(
             let order: Vec<usize> = mine.iter().map(|(pos, _)| *pos).collect();
             let inputs: Vec<LayerInput> = mine.into_iter().map(|(_, l)| l).collect();
             let decoder_cancel = Arc::clone(cancel);
-            scope.spawn(move || decode_all(inputs, tx, free_rx, &decoder_cancel));
+            named(scope, format!("decode-{lane}"), move || {
+                decode_all(inputs, tx, free_rx, &decoder_cancel)
+            });
             let done_tx = done_tx.clone();
             let labels = &labels;
             let shared = &shared;
-            scope.spawn(move || {
+            named(scope, format!("apply-{lane}"), move || {
                 lane_run(lane_applier, &order, labels, rx, free_tx, shared, done_tx)
             });
         }
