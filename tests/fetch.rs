@@ -200,6 +200,56 @@ fn kitchen_sink_layers_apply_per_the_oci_image_spec() {
 }
 
 #[test]
+fn a_seed_whose_layers_interfere_is_applied_again_in_order_saying_why() {
+    // Layer 2 removes layer 0's store path: applied side by side, the
+    // whiteout could run before the path exists, so the lanes stop and the
+    // layers are applied again in order.
+    let reg = Registry::start();
+    let store_path = |t: &mut Tar, name: &str| {
+        t.dir(&format!("nix/store/{name}"), 0o555);
+        t.file(&format!("nix/store/{name}/data"), name.as_bytes(), 0o444);
+    };
+    let mut l0 = Tar::new();
+    l0.dir("nix", 0o755).dir("nix/store", 0o755);
+    store_path(&mut l0, "aaaa-pkg");
+    let mut l1 = Tar::new();
+    store_path(&mut l1, "bbbb-pkg");
+    let mut l2 = Tar::new();
+    l2.whiteout("nix/store/aaaa-pkg");
+    store_path(&mut l2, "cccc-pkg");
+    let mut l3 = Tar::new();
+    l3.dir("nix/var", 0o755)
+        .dir("nix/var/nix", 0o755)
+        .dir("nix/var/nix/db", 0o755)
+        .file("nix/var/nix/db/db.sqlite", b"db", 0o644);
+    let layers = [l0, l1, l2, l3].map(|t| layer(&t.finish(), Comp::Gzip, Media::Docker));
+    let img = push(
+        &reg.addr,
+        "nixos/nix",
+        Some("v1"),
+        &Image::new(Media::Docker, layers.to_vec()),
+    );
+    let env = TestEnv::new();
+    let out = env.run(&["fetch", "--plain-http", &img.reference]);
+    assert_ok(&out);
+    assert_eq!(
+        listing(&env.join("nix-backup/nix/store")),
+        ["bbbb-pkg", "cccc-pkg"]
+    );
+    let said = stderr(&out);
+    let why = format!(
+        "applying the layers again, in order: layer {}: entry \"nix/store/.wh.aaaa-pkg\" is a whiteout",
+        img.layer_digests[2]
+    );
+    let lanes = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(
+        said.contains(&why),
+        lanes > 1,
+        "{lanes} cores, stderr:\n{said}"
+    );
+}
+
+#[test]
 fn default_output_is_only_the_store_and_database_the_runners_mount() {
     let reg = Registry::start();
     let img = seed_image(&reg, "nixos/nix", "v1", "bbbb");

@@ -87,7 +87,8 @@ pub async fn extract(
         .await
         {
             // Applying in one lane is the reference; it can always be done.
-            Err(Error::LanesInterfered { .. }) if lanes > 1 => {
+            Err(Error::LanesInterfered { reason }) if lanes > 1 => {
+                reporter.info(&format!("applying the layers again, in order: {reason}"));
                 lanes = 1;
                 staging.reset_rootfs()?;
             }
@@ -103,6 +104,7 @@ pub async fn extract(
             }
             other => break other?,
         }
+        reporter.layers_restarted();
     };
     finish_output(
         &out,

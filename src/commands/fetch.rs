@@ -140,7 +140,10 @@ pub async fn fetch(
     let unpacked = loop {
         match unpack_into(attempt.clone(), follow, lanes).await {
             // Applying in one lane is the reference; it can always be done.
-            Err(Error::LanesInterfered { .. }) if lanes > 1 => lanes = 1,
+            Err(Error::LanesInterfered { reason }) if lanes > 1 => {
+                reporter.info(&format!("applying the layers again, in order: {reason}"));
+                lanes = 1;
+            }
             Err(Error::SkippedLinkTarget { .. }) if attempt.skips_any() => {
                 attempt = without_skips(&resolved, &*reporter);
             }
@@ -153,6 +156,7 @@ pub async fn fetch(
             other => break other?,
         }
         staging.reset_rootfs()?;
+        reporter.layers_restarted();
     };
     finish_output(
         &out,

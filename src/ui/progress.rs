@@ -27,6 +27,8 @@ pub trait Reporter: Send + Sync {
     fn layer_total(&self, layers: u64);
     /// One more layer was applied.
     fn layer_applied(&self, label: &str);
+    /// The layers are being applied again from the first (after a retry).
+    fn layers_restarted(&self);
     /// The run is over (success or not): clear bars.
     fn finish(&self);
 }
@@ -194,6 +196,13 @@ impl Reporter for Progress {
         self.plain_tick(done);
     }
 
+    fn layers_restarted(&self) {
+        if let Some((_, _, bar)) = &self.bars {
+            bar.set_position(0);
+        }
+        self.plain.lock().expect("progress lock").applied = 0;
+    }
+
     fn finish(&self) {
         {
             let _ticks = self.plain.lock().expect("progress lock");
@@ -231,5 +240,26 @@ impl Reporter for Recorder {
     fn layer_applied(&self, _: &str) {
         *self.layers_applied.lock().expect("lock") += 1;
     }
+    fn layers_restarted(&self) {
+        *self.layers_applied.lock().expect("lock") = 0;
+    }
     fn finish(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_applied_again_are_counted_from_none() {
+        let progress = Progress::new(Style::Quiet);
+        progress.layer_total(3);
+        progress.layer_applied("first");
+        progress.layer_applied("second");
+        progress.layers_restarted();
+        for label in ["first", "second", "third"] {
+            progress.layer_applied(label);
+        }
+        assert_eq!(progress.plain.lock().unwrap().applied, 3);
+    }
 }

@@ -206,6 +206,8 @@ pub(crate) struct LaneShared {
     done_changed: Condvar,
     /// Set when a lane failed: every lane stops.
     pub(crate) abort: AtomicBool,
+    /// What made the first lane that failed stop.
+    pub(crate) reason: Mutex<Option<String>>,
     cancel: Arc<AtomicBool>,
 }
 
@@ -219,6 +221,7 @@ impl LaneShared {
             done: Mutex::new(vec![false; layers]),
             done_changed: Condvar::new(),
             abort: AtomicBool::new(false),
+            reason: Mutex::new(None),
             cancel,
         }
     }
@@ -281,6 +284,11 @@ fn interfere(reason: impl Into<String>) -> Error {
     Error::LanesInterfered {
         reason: reason.into(),
     }
+}
+
+/// [`interfere`], for entry `at` of its layer.
+fn interfere_at(at: &At<'_>, why: &str) -> Error {
+    interfere(format!("layer {}: entry {:?} {why}", at.layer, at.shown()))
 }
 
 /// Which of [`ANCESTORS`] `rel` is.
@@ -581,7 +589,7 @@ impl<F: EntryFilter> Applier<F> {
             .file_name()
             .is_some_and(|b| b.as_bytes().starts_with(WHITEOUT_PREFIX))
         {
-            return Err(interfere(format!("entry {:?} is a whiteout", at.shown())));
+            return Err(interfere_at(at, "is a whiteout"));
         }
         let ancestor = ancestor_index(rel);
         let lane = self.lane.as_mut().expect("a lane applier");
@@ -595,10 +603,7 @@ impl<F: EntryFilter> Applier<F> {
         }
         if let Some(i) = ancestor {
             if kind != Kind::DIR {
-                return Err(interfere(format!(
-                    "entry {:?} is not a directory",
-                    at.shown()
-                )));
+                return Err(interfere_at(at, "is not a directory"));
             }
             let meta = self.meta(header, at)?;
             let layer = self.lane.as_ref().expect("a lane applier").layer;
@@ -633,10 +638,10 @@ impl<F: EntryFilter> Applier<F> {
                         Some(l) if l == lane.layer => {}
                         Some(l) if l < lane.layer => self.wait_below()?,
                         _ => {
-                            return Err(interfere(format!(
-                                "entry {:?} hard-links into a store path of no earlier layer",
-                                at.shown()
-                            )));
+                            return Err(interfere_at(
+                                at,
+                                "hard-links into a store path of no earlier layer",
+                            ));
                         }
                     }
                 }

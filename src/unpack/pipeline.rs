@@ -446,6 +446,15 @@ fn lane_run<F: EntryFilter>(
         if ok {
             shared.mark_done(pos);
         } else {
+            if let Err(e) = &applied
+                && !matches!(e, Error::Interrupted)
+            {
+                let why = match e {
+                    Error::LanesInterfered { reason } => reason.clone(),
+                    other => crate::error::report(other),
+                };
+                shared.reason.lock().expect("lane lock").get_or_insert(why);
+            }
             shared.stop(!shared.cancelled());
         }
         let notes = std::mem::take(&mut applier.filter_mut().notes);
@@ -517,8 +526,10 @@ fn collect<F: EntryFilter>(
 /// Why the lanes stopped: the run was cancelled, or they interfered.
 fn stopped(shared: &LaneShared) -> Error {
     if shared.abort.load(Ordering::SeqCst) {
+        let reason = shared.reason.lock().expect("lane lock").clone();
         Error::LanesInterfered {
-            reason: "a layer could not be applied beside the others".to_string(),
+            reason: reason
+                .unwrap_or_else(|| "a layer could not be applied beside the others".to_string()),
         }
     } else {
         Error::Interrupted
