@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use hydrafy::Error;
 use hydrafy::oci::{Compression, Descriptor, Digest};
@@ -43,13 +44,83 @@ pub(crate) struct Outcome {
     layers_applied: u64,
 }
 
-fn inputs(layers: &[Vec<u8>]) -> Vec<LayerInput> {
+/// Holds layer `held`'s stream back until layer `until`'s has been read to
+/// its end (or dropped), so that a lane runs ahead of an earlier layer: the
+/// interleaving the lane rules exist for, made to happen on every run rather
+/// than by luck. When `until` cannot move (it rightly waits for `held`), the
+/// hold gives way after [`HOLD_LIMIT`]; that decides how long a test takes,
+/// never what it sees.
+#[derive(Clone, Copy)]
+struct Hold {
+    held: usize,
+    until: usize,
+}
+
+const HOLD_LIMIT: Duration = Duration::from_secs(3);
+
+/// Opened once layer `until` has been read through.
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn release(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+
+    fn pass(&self) {
+        let open = self.open.lock().unwrap();
+        let _ = self
+            .opened
+            .wait_timeout_while(open, HOLD_LIMIT, |open| !*open)
+            .unwrap();
+    }
+}
+
+/// A layer's stream, taking part in a [`Hold`] as the held or the awaited one.
+struct Gated {
+    inner: std::io::Cursor<Vec<u8>>,
+    gate: Arc<Gate>,
+    held: bool,
+}
+
+impl Read for Gated {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.held {
+            self.gate.pass();
+            self.held = false;
+        }
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.gate.release();
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for Gated {
+    fn drop(&mut self) {
+        self.gate.release();
+    }
+}
+
+fn inputs(layers: &[Vec<u8>], hold: Option<Hold>) -> Vec<LayerInput> {
+    let gate = Arc::new(Gate::default());
     layers
         .iter()
         .enumerate()
         .map(|(index, tar)| {
             let bytes = tar.clone();
             let digest: Digest = sha256(tar).parse().unwrap();
+            let role = hold.and_then(|h| {
+                (h.held == index)
+                    .then_some(true)
+                    .or((h.until == index).then_some(false))
+            });
+            let gate = Arc::clone(&gate);
             LayerInput {
                 index,
                 descriptor: Descriptor {
@@ -63,7 +134,11 @@ fn inputs(layers: &[Vec<u8>]) -> Vec<LayerInput> {
                 diff_id: digest,
                 compression: Compression::None,
                 open: Box::new(move || {
-                    Ok(Box::new(std::io::Cursor::new(bytes)) as Box<dyn Read + Send>)
+                    let inner = std::io::Cursor::new(bytes);
+                    Ok(match role {
+                        Some(held) => Box::new(Gated { inner, gate, held }),
+                        None => Box::new(inner) as Box<dyn Read + Send>,
+                    })
                 }),
                 verify_blob: true,
             }
@@ -74,6 +149,16 @@ fn inputs(layers: &[Vec<u8>]) -> Vec<LayerInput> {
 /// Unpack `layers` into a fresh `root` with `lanes` lanes, as the library
 /// pipeline does it.
 pub(crate) fn unpack_into(root: &Path, layers: &[Vec<u8>], lanes: usize) -> Result<Outcome, Error> {
+    unpack_held(root, layers, lanes, None)
+}
+
+/// [`unpack_into`], with one layer's stream held back (see [`Hold`]).
+fn unpack_held(
+    root: &Path,
+    layers: &[Vec<u8>],
+    lanes: usize,
+    hold: Option<Hold>,
+) -> Result<Outcome, Error> {
     let _ = hydrafy::unpack::remove_tree(root);
     std::fs::create_dir_all(root).unwrap();
     let mut applier =
@@ -82,7 +167,7 @@ pub(crate) fn unpack_into(root: &Path, layers: &[Vec<u8>], lanes: usize) -> Resu
     let reporter = Recorder::default();
     unpack(
         &mut applier,
-        inputs(layers),
+        inputs(layers, hold),
         &Arc::new(AtomicBool::new(false)),
         &reporter,
     )?;
@@ -122,8 +207,12 @@ fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
 
 /// What a caller does: lanes first, and on `LanesInterfered` one lane again.
 /// Returns whether the lanes interfered, and the outcome.
-fn unpack_like_callers(root: &Path, layers: &[Vec<u8>]) -> (bool, Result<Outcome, String>) {
-    match unpack_into(root, layers, 2) {
+fn unpack_like_callers(
+    root: &Path,
+    layers: &[Vec<u8>],
+    hold: Option<Hold>,
+) -> (bool, Result<Outcome, String>) {
+    match unpack_held(root, layers, 2, hold) {
         Err(Error::LanesInterfered { .. }) => (
             true,
             unpack_into(root, layers, 1).map_err(|e| hydrafy::report(&e)),
@@ -273,15 +362,25 @@ fn unmtimed(mut outcome: Outcome, dirs: &[&str]) -> Outcome {
 }
 
 /// The adversarial cases: each must come out as in order, by stopping the
-/// lanes where noted.
+/// lanes where noted and only there.
 fn assert_as_in_order(layers: &[Vec<u8>], must_interfere: bool) {
+    assert_held_as_in_order(layers, must_interfere, None);
+}
+
+/// [`assert_as_in_order`], the lanes holding one layer back (see [`Hold`]);
+/// returns the in-order outcome, if the layers apply.
+fn assert_held_as_in_order(
+    layers: &[Vec<u8>],
+    must_interfere: bool,
+    hold: Option<Hold>,
+) -> Option<Outcome> {
     let env = TestEnv::new();
     let one = unpack_into(&env.join("one"), layers, 1).map_err(|e| hydrafy::report(&e));
-    let (interfered, lanes) = unpack_like_callers(&env.join("two"), layers);
+    let (interfered, lanes) = unpack_like_callers(&env.join("two"), layers, hold);
     assert_eq!(one, lanes);
-    if must_interfere {
-        assert!(interfered, "the lanes should have stopped");
-    }
+    let want = if must_interfere { "stopped" } else { "run on" };
+    assert_eq!(interfered, must_interfere, "the lanes should have {want}");
+    one.ok()
 }
 
 #[test]
@@ -389,4 +488,58 @@ fn a_symlinked_parent_in_a_store_path_stops_the_lanes() {
     );
     layers.insert(2, t.finish());
     assert_as_in_order(&layers, true);
+}
+
+/// More than the pipeline buffers between a lane's decoder and its applier,
+/// so a layer's stream reaches its end only once its entries are applied.
+fn beyond_the_buffers() -> Vec<u8> {
+    b"late\n".repeat(4 << 20)
+}
+
+#[test]
+fn a_layer_run_ahead_waits_before_writing_outside_the_store() {
+    // Layer 1 rewrites what layer 0 wrote in /etc; layer 0 is held back until
+    // layer 1 is through. In order, layer 1's file wins.
+    let mut early = store_layer(0, 2);
+    early.file("etc/motd", b"early\n", 0o644);
+    let mut late = Tar::new();
+    late.file("etc/motd", &beyond_the_buffers(), 0o600);
+    let layers = vec![early.finish(), late.finish(), customisation_layer(1)];
+    let one = assert_held_as_in_order(&layers, false, Some(Hold { held: 0, until: 1 }));
+    let motd = &one.expect("applies in order").tree[Path::new("etc/motd")];
+    assert!(motd.starts_with("file 600"), "{motd}");
+}
+
+#[test]
+fn a_whiteout_run_ahead_of_the_path_it_removes_stops_the_lanes() {
+    let mut late = Tar::new();
+    late.whiteout(&format!("nix/store/{}", store_name(0)));
+    late.file(
+        &format!("nix/store/{}", store_name(1)),
+        &beyond_the_buffers(),
+        0o444,
+    );
+    let layers = vec![
+        store_layer(0, 2).finish(),
+        late.finish(),
+        customisation_layer(2),
+    ];
+    assert_held_as_in_order(&layers, true, Some(Hold { held: 0, until: 1 }));
+}
+
+#[test]
+fn an_opaque_store_run_ahead_of_an_earlier_layer_stops_the_lanes() {
+    let mut late = Tar::new();
+    late.opaque("nix/store");
+    late.file(
+        &format!("nix/store/{}", store_name(1)),
+        &beyond_the_buffers(),
+        0o444,
+    );
+    let layers = vec![
+        store_layer(0, 2).finish(),
+        late.finish(),
+        customisation_layer(2),
+    ];
+    assert_held_as_in_order(&layers, true, Some(Hold { held: 0, until: 1 }));
 }
