@@ -45,6 +45,9 @@ use crate::unpack::tar::{self, Fault, Header, Kind};
 /// The name prefix of a whiteout entry (the OCI image spec's `.wh.`).
 pub const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+/// How much of a file is written before its writeback is started (see
+/// [`fsroot::start_writeback`]); smaller files are left to the final flush.
+const WRITEBACK_EVERY: u64 = 8 << 20;
 
 /// How layers are applied.
 #[derive(Clone, Copy, Debug)]
@@ -872,7 +875,7 @@ impl<F: EntryFilter> Applier<F> {
                 }
                 .map_err(|e| io_err("cannot create file")(e.into()))?;
                 let mut file = File::from(fd);
-                let mut copied = 0u64;
+                let (mut copied, mut written_back) = (0u64, 0u64);
                 loop {
                     let n = body
                         .read(&mut self.buf)
@@ -883,6 +886,15 @@ impl<F: EntryFilter> Applier<F> {
                     file.write_all(&self.buf[..n])
                         .map_err(io_err("cannot write"))?;
                     copied += n as u64;
+                    // A large file goes to disk while the rest is unpacked,
+                    // rather than all at once in the flush before publishing.
+                    if copied - written_back >= WRITEBACK_EVERY {
+                        fsroot::start_writeback(&file, written_back, copied - written_back);
+                        written_back = copied;
+                    }
+                }
+                if written_back > 0 && copied > written_back {
+                    fsroot::start_writeback(&file, written_back, copied - written_back);
                 }
                 self.set_fd_meta(&file, &meta, true)
                     .map_err(io_err("cannot set owner, mode or mtime"))?;

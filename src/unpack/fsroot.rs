@@ -27,7 +27,7 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -51,6 +51,26 @@ pub struct FsRoot {
 pub type Id = (u64, u64);
 
 /// The identity of the file `fd` refers to.
+/// Have the kernel start writing `len` bytes of `fd` from `offset` to disk,
+/// and return without waiting for them. A head start only: the flush before
+/// publishing (`syncfs`) still waits for every byte, so a failure here
+/// changes when bytes reach the disk, never whether.
+pub fn start_writeback(fd: impl AsFd, offset: u64, len: u64) {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: sync_file_range takes a descriptor, which `fd` keeps open for
+    // the call, and integers; it touches no memory of ours.
+    unsafe {
+        libc::sync_file_range(
+            fd.as_fd().as_raw_fd(),
+            offset,
+            len,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
 pub fn id_of(fd: impl AsFd) -> io::Result<Id> {
     Ok(stat_id(&rustix::fs::fstat(fd)?))
 }
