@@ -543,3 +543,28 @@ fn an_opaque_store_run_ahead_of_an_earlier_layer_stops_the_lanes() {
     ];
     assert_held_as_in_order(&layers, true, Some(Hold { held: 0, until: 1 }));
 }
+
+#[test]
+fn a_layer_that_does_not_hash_to_its_diff_id_fails_in_lanes_as_in_order() {
+    let env = TestEnv::new();
+    let layers = nix_image(6);
+    for lanes in [1, 2] {
+        let root = env.join(&format!("lanes-{lanes}"));
+        std::fs::create_dir_all(&root).unwrap();
+        let mut applier = Applier::filtered(
+            &root,
+            ApplyOptions::for_current_user(true),
+            Notes::default(),
+        )
+        .unwrap();
+        applier.set_lanes(lanes);
+        let mut lying = inputs(&layers, None);
+        lying[3].diff_id = sha256(b"another layer").parse().unwrap();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let err = unpack(&mut applier, lying, &cancel, &Recorder::default()).unwrap_err();
+        assert!(
+            matches!(err, Error::DiffIdMismatch { index: 3, .. }),
+            "{lanes} lanes: {err:?}"
+        );
+    }
+}

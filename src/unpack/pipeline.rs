@@ -1,13 +1,18 @@
-//! The unpack pipeline: decompress and hash on one thread, apply on another.
+//! The unpack pipeline: decompress on one thread, apply on another, hash on
+//! a third.
 //!
-//! Layers must be applied strictly in order, but decompressing and hashing a
-//! layer does not depend on the tree, so a decoder thread runs ahead of the
-//! applier: while layer N's files are written, layer N's rest and layer N+1
-//! are inflated and hashed on the other core. The two meet in a bounded
-//! channel of recycled 256 KiB buffers, so memory stays flat whatever the
-//! layer size. The decoder reads every stream to its end (the tar parser
-//! stops at the end marker, the diff_id hash must not) and ends each layer
-//! with a verdict that the applier checks before it starts the next.
+//! Layers must be applied strictly in order, but decompressing a layer does
+//! not depend on the tree, so a decoder thread runs ahead of the applier:
+//! while layer N's files are written, layer N's rest and layer N+1 are
+//! inflated on another core. The two meet in a bounded channel of recycled
+//! 256 KiB buffers, so memory stays flat whatever the layer size. Each buffer
+//! the applier has read goes on to a hasher thread (the diff_id), which
+//! hands it back to the decoder: inflating alone is then the decoder's work,
+//! which matters for a layer of a few large files, where it is the slowest
+//! stage. The applier reads every stream to its end (the tar parser stops at
+//! the end marker, the diff_id hash must not); the decoder ends each layer
+//! with a verdict (the blob's size and digest), and the applier checks it and
+//! the hasher's digest before it starts the next.
 //!
 //! Applying is the slower half (creating files and copying their bytes into
 //! the page cache), so with more than one lane ([`Applier::set_lanes`]) the
@@ -29,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{Scope, ScopedJoinHandle};
 
 use crate::error::{Error, Result};
-use crate::oci::digest::{Digest, Hasher, HashingReader};
+use crate::oci::digest::{Digest, Hasher};
 use crate::oci::manifest::{Compression, Descriptor};
 use crate::ui::progress::Reporter;
 use crate::unpack::apply::{Applier, ApplyStats, EntryFilter, LaneShared};
@@ -55,8 +60,27 @@ pub struct LayerInput {
 
 enum Msg {
     Data(Vec<u8>),
-    End(Result<()>),
+    /// The layer's stream ended: the decoder's verdict, and if it found
+    /// nothing wrong, the diff_id the bytes must hash to.
+    End(Result<DiffId>),
 }
+
+/// The diff_id a layer's uncompressed bytes must hash to.
+struct DiffId {
+    expected: Digest,
+    layer: Digest,
+    index: usize,
+}
+
+/// What an applier passes on to its hasher: each chunk once applied, and at
+/// the end of a layer a request for the digest of all of them.
+enum ToHash {
+    Data(Vec<u8>),
+    Finish(SyncSender<Digest>),
+}
+
+/// Applied chunks queued for the hasher (1 MiB); it keeps up with inflating.
+const HASH_DEPTH: usize = 4;
 
 /// The most lanes worth running: each is two threads and 4 MiB of buffers.
 const MAX_LANES: usize = 4;
@@ -95,12 +119,14 @@ pub fn unpack<F: EntryFilter + Send>(
         .collect();
     let (tx, rx) = sync_channel::<Msg>(DEPTH);
     let (free_tx, free_rx) = channel::<Vec<u8>>();
+    let (hash_tx, hash_rx) = sync_channel::<ToHash>(HASH_DEPTH);
     std::thread::scope(|scope| {
         let decoder_cancel = Arc::clone(cancel);
         named(scope, "decode".into(), move || {
             decode_all(layers, tx, free_rx, &decoder_cancel)
         });
-        let result = apply_all(applier, &labels, rx, free_tx, reporter);
+        named(scope, "hash".into(), move || hash_all(hash_rx, free_tx));
+        let result = apply_all(applier, &labels, rx, hash_tx, reporter);
         if result.is_err() {
             // Stop the decoder: it may be waiting for a download that no longer matters.
             cancel.store(true, Ordering::Relaxed);
@@ -126,13 +152,13 @@ fn apply_all<F: EntryFilter>(
     applier: &mut Applier<F>,
     labels: &[String],
     rx: Receiver<Msg>,
-    free: Sender<Vec<u8>>,
+    hash: SyncSender<ToHash>,
     reporter: &dyn Reporter,
 ) -> Result<()> {
     for label in labels {
         let mut reader = ChannelReader {
             rx: &rx,
-            free: &free,
+            hash: &hash,
             current: Vec::new(),
             pos: 0,
             end: None,
@@ -179,7 +205,7 @@ fn decode_one(
     tx: &SyncSender<Msg>,
     free: &Receiver<Vec<u8>>,
     cancel: &AtomicBool,
-) -> Result<()> {
+) -> Result<DiffId> {
     // A reader that stopped because the run was cancelled fails with an I/O
     // error; the cause is the cancellation, not the blob.
     decode_stream(layer, tx, free, cancel).map_err(|e| {
@@ -196,7 +222,7 @@ fn decode_stream(
     tx: &SyncSender<Msg>,
     free: &Receiver<Vec<u8>>,
     cancel: &AtomicBool,
-) -> Result<()> {
+) -> Result<DiffId> {
     let label = layer.descriptor.digest.to_string();
     let blob = (layer.open)()?;
     let blob_hash = Arc::new(Mutex::new(Hasher::default()));
@@ -206,8 +232,7 @@ fn decode_stream(
         hash: layer.verify_blob,
     };
     let buffered = BufReader::with_capacity(CHUNK, counted);
-    let decoded = decompress::decoder(&label, buffered, layer.compression)?;
-    let mut hashed = HashingReader::new(decoded);
+    let mut decoded = decompress::decoder(&label, buffered, layer.compression)?;
     let stream_error = |e: io::Error| {
         Error::Layer {
         layer: label.clone(),
@@ -221,7 +246,7 @@ fn decode_stream(
         }
         let mut buf = free.try_recv().unwrap_or_default();
         buf.resize(CHUNK, 0);
-        let n = decompress::read_full(&mut hashed, &mut buf).map_err(stream_error)?;
+        let n = decompress::read_full(&mut decoded, &mut buf).map_err(stream_error)?;
         if n == 0 {
             break;
         }
@@ -230,7 +255,6 @@ fn decode_stream(
             return Err(Error::Interrupted);
         }
     }
-    let (diff, _) = hashed.finish();
     let blob_hash = std::mem::take(&mut *blob_hash.lock().expect("hash lock"));
     if blob_hash.len() != layer.descriptor.size {
         return Err(Error::SizeMismatch {
@@ -252,15 +276,28 @@ fn decode_stream(
             });
         }
     }
-    if diff != layer.diff_id {
-        return Err(Error::DiffIdMismatch {
-            layer: layer.descriptor.digest,
-            index: layer.index,
-            expected: layer.diff_id,
-            found: diff,
-        });
+    Ok(DiffId {
+        expected: layer.diff_id,
+        layer: layer.descriptor.digest,
+        index: layer.index,
+    })
+}
+
+/// Hash what the applier has applied, on a core of its own, and hand the
+/// buffers back to the decoder; at the end of each layer, say the digest.
+fn hash_all(rx: Receiver<ToHash>, free: Sender<Vec<u8>>) {
+    let mut hasher = Hasher::default();
+    for msg in rx {
+        match msg {
+            ToHash::Data(buf) => {
+                hasher.update(&buf);
+                let _ = free.send(buf);
+            }
+            ToHash::Finish(reply) => {
+                let _ = reply.send(std::mem::take(&mut hasher).finish());
+            }
+        }
     }
-    Ok(())
 }
 
 /// Counts (and, when asked, hashes) the compressed bytes; the hasher is
@@ -285,12 +322,40 @@ impl Read for SharedHashReader {
 }
 
 /// The applier's side of the channel: one layer's bytes, then end of file.
+/// Each chunk goes on to the hasher once read, and at the end of the stream
+/// the hasher's digest is checked against the layer's diff_id.
 struct ChannelReader<'a> {
     rx: &'a Receiver<Msg>,
-    free: &'a Sender<Vec<u8>>,
+    hash: &'a SyncSender<ToHash>,
     current: Vec<u8>,
     pos: usize,
     end: Option<Result<()>>,
+}
+
+impl ChannelReader<'_> {
+    /// Whether everything read hashes to the layer's diff_id.
+    fn check(&self, diff: DiffId) -> Result<()> {
+        let (reply, answer) = sync_channel(1);
+        let found = self
+            .hash
+            .send(ToHash::Finish(reply))
+            .ok()
+            .and_then(|()| answer.recv().ok())
+            .ok_or_else(|| Error::Layer {
+                layer: diff.layer.to_string(),
+                reason: "the hasher stopped before the end of the layer".to_string(),
+                source: None,
+            })?;
+        if found != diff.expected {
+            return Err(Error::DiffIdMismatch {
+                layer: diff.layer,
+                index: diff.index,
+                expected: diff.expected,
+                found,
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Read for ChannelReader<'_> {
@@ -303,7 +368,10 @@ impl Read for ChannelReader<'_> {
                 return Ok(n);
             }
             if !self.current.is_empty() {
-                let _ = self.free.send(std::mem::take(&mut self.current));
+                let chunk = std::mem::take(&mut self.current);
+                if self.hash.send(ToHash::Data(chunk)).is_err() {
+                    return Err(io::Error::other("the hasher stopped"));
+                }
                 self.pos = 0;
             }
             match &self.end {
@@ -316,7 +384,7 @@ impl Read for ChannelReader<'_> {
                     self.current = buf;
                     self.pos = 0;
                 }
-                Ok(Msg::End(verdict)) => self.end = Some(verdict),
+                Ok(Msg::End(verdict)) => self.end = Some(verdict.and_then(|d| self.check(d))),
                 Err(_) => return Err(io::Error::other("the decoder stopped")),
             }
         }
@@ -386,17 +454,21 @@ fn unpack_lanes<F: EntryFilter + Send>(
             });
             let (tx, rx) = sync_channel::<Msg>(DEPTH);
             let (free_tx, free_rx) = channel::<Vec<u8>>();
+            let (hash_tx, hash_rx) = sync_channel::<ToHash>(HASH_DEPTH);
             let order: Vec<usize> = mine.iter().map(|(pos, _)| *pos).collect();
             let inputs: Vec<LayerInput> = mine.into_iter().map(|(_, l)| l).collect();
             let decoder_cancel = Arc::clone(cancel);
             named(scope, format!("decode-{lane}"), move || {
                 decode_all(inputs, tx, free_rx, &decoder_cancel)
             });
+            named(scope, format!("hash-{lane}"), move || {
+                hash_all(hash_rx, free_tx)
+            });
             let done_tx = done_tx.clone();
             let labels = &labels;
             let shared = &shared;
             named(scope, format!("apply-{lane}"), move || {
-                lane_run(lane_applier, &order, labels, rx, free_tx, shared, done_tx)
+                lane_run(lane_applier, &order, labels, rx, hash_tx, shared, done_tx)
             });
         }
         drop(done_tx);
@@ -424,7 +496,7 @@ fn lane_run<F: EntryFilter>(
     order: &[usize],
     labels: &[String],
     rx: Receiver<Msg>,
-    free: Sender<Vec<u8>>,
+    hash: SyncSender<ToHash>,
     shared: &LaneShared,
     done: Sender<LayerDone>,
 ) {
@@ -432,7 +504,7 @@ fn lane_run<F: EntryFilter>(
         let label = &labels[pos];
         let mut reader = ChannelReader {
             rx: &rx,
-            free: &free,
+            hash: &hash,
             current: Vec::new(),
             pos: 0,
             end: None,
