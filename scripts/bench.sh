@@ -33,7 +33,6 @@ tools_opt=""
 baseline=""
 work=${TMPDIR:-/tmp}/hydrafy-bench
 here=$(cd "$(dirname "$0")/.." && pwd)
-make_nixlike=$here/scripts/make-nixlike.py
 while [ $# -gt 0 ]; do
     case $1 in
         --runs) runs=$2; shift 2 ;;
@@ -55,62 +54,12 @@ rm -rf "$work"; mkdir -p "$work"
 . "$here/scripts/registry.sh"
 start_registry
 
-push_blob() { # file -> digest
-    local digest loc
-    digest=sha256:$(sha256sum "$1" | cut -d' ' -f1)
-    loc=$(curl -fsSi -X POST "http://$reg/v2/$2/blobs/uploads/" | tr -d '\r' | sed -n 's/^[Ll]ocation: //p')
-    case $loc in /*) loc=http://$reg$loc ;; esac
-    case $loc in *\?*) loc="$loc&digest=$digest" ;; *) loc="$loc?digest=$digest" ;; esac
-    curl -fsS -X PUT -H 'Content-Type: application/octet-stream' -T "$1" "$loc" >/dev/null
-    echo "$digest"
-}
-
-make_big() { # one 2 GB layer: real files under one store path, plus the db dir
-    local dir=$work/big root=$work/big/root store
-    store=$root/nix/store/00000000000000000000000000000000-big-2g
-    mkdir -p "$store" "$root/nix/var/nix/db"
-    local total=0
-    for d in /usr/lib/*/; do
-        [ -L "${d%/}" ] && continue
-        size=$(du -sb "$d" 2>/dev/null | cut -f1)
-        [ "$size" -gt 0 ] || continue
-        [ $((total + size)) -gt 2100000000 ] && continue
-        cp -a "$d" "$store/" 2>/dev/null || true
-        total=$((total + size))
-        [ "$total" -gt 1900000000 ] && break
-    done
-    find "$store" \( -type b -o -type c -o -type p -o -type s \) -delete
-    printf 'not a real db\n' > "$root/nix/var/nix/db/db.sqlite"
-    tar -C "$root" --numeric-owner --owner=0 --group=0 -cf "$dir/layer.tar" nix
-    local diff_id size_raw
-    diff_id=sha256:$(sha256sum "$dir/layer.tar" | cut -d' ' -f1)
-    size_raw=$(stat -c %s "$dir/layer.tar")
-    pigz -6 < "$dir/layer.tar" > "$dir/layer.tar.gz"
-    rm -f "$dir/layer.tar"
-    local layer config cfg_digest manifest
-    layer=$(push_blob "$dir/layer.tar.gz" nixos/big)
-    printf '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["%s"]}}' "$diff_id" > "$dir/config.json"
-    cfg_digest=$(push_blob "$dir/config.json" nixos/big)
-    manifest=$(printf '{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"%s","size":%s},"layers":[{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","digest":"%s","size":%s}]}' \
-        "$cfg_digest" "$(stat -c %s "$dir/config.json")" "$layer" "$(stat -c %s "$dir/layer.tar.gz")")
-    curl -fsS -X PUT -H 'Content-Type: application/vnd.docker.distribution.manifest.v2+json' --data "$manifest" "http://$reg/v2/nixos/big/manifests/latest" >/dev/null
-    rm -rf "$root"
-    echo "big: 1 layer, $size_raw bytes uncompressed" >&2
-    echo "nixos/big@sha256:$(printf '%s' "$manifest" | sha256sum | cut -d' ' -f1)"
-}
+# shellcheck source=scripts/bench-images.sh
+. "$here/scripts/bench-images.sh"
 
 declare -A ref
 for img in ${images//,/ }; do
-    case $img in
-        full) shape=(--mb 400) ;;
-        half) shape=(--mb 200) ;;
-        cuda) shape=(--cuda) ;;
-        big) ref[big]=$(make_big); continue ;;
-        *) echo "unknown image $img" >&2; exit 2 ;;
-    esac
-    out=$(python3 "$make_nixlike" "$work/$img" "$reg" "nixos/$img" "${shape[@]}")
-    ref[$img]=nixos/$img@$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["amd64"])' "$out")
-    rm -rf "$work/$img"
+    ref[$img]=$(push_image "$img")
 done
 
 layers_of() { # repo@digest -> layer digests, one per line
