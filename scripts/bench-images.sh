@@ -1,5 +1,5 @@
 # Sourced by the benchmark scripts: the images they time, pushed to the
-# registry of scripts/registry.sh ($reg), built under $work.
+# registry of scripts/bench-common.sh ($reg), built under $work.
 #   full: make-nixlike.py --mb 400 (about 100 layers, 400 MB in 90 directories of /usr)
 #   half: make-nixlike.py --mb 200
 #   big:  one 2 GB layer (real files from /usr/lib under one store path)

@@ -43,16 +43,9 @@ while [ $# -gt 0 ]; do
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
-for tool in docker-registry skopeo umoci curl pigz python3 nix-instantiate /usr/bin/time; do
-    command -v "$tool" >/dev/null || { echo "bench.sh needs $tool (apt-get install docker-registry skopeo umoci curl pigz python3 nix-bin time)" >&2; exit 2; }
-done
-
-(cd "$here" && cargo build --locked --release --quiet)
-hydrafy=${CARGO_TARGET_DIR:-$here/target}/release/hydrafy
-rm -rf "$work"; mkdir -p "$work"
-# shellcheck source=scripts/registry.sh
-. "$here/scripts/registry.sh"
-start_registry
+# shellcheck source=scripts/bench-common.sh
+. "$here/scripts/bench-common.sh"
+bench_start bench.sh "docker-registry skopeo umoci curl pigz python3 nix-bin time" docker-registry skopeo umoci curl pigz python3 nix-instantiate /usr/bin/time
 
 # shellcheck source=scripts/bench-images.sh
 . "$here/scripts/bench-images.sh"

@@ -29,16 +29,9 @@ while [ $# -gt 0 ]; do
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
-for tool in perf strace docker-registry curl pigz python3 nix-instantiate; do
-    command -v "$tool" >/dev/null || { echo "profile.sh needs $tool (apt-get install linux-perf strace docker-registry curl pigz python3 nix-bin)" >&2; exit 2; }
-done
-
-(cd "$here" && cargo build --locked --release --quiet)
-hydrafy=${CARGO_TARGET_DIR:-$here/target}/release/hydrafy
-rm -rf "$work"; mkdir -p "$work"
-# shellcheck source=scripts/registry.sh
-. "$here/scripts/registry.sh"
-start_registry
+# shellcheck source=scripts/bench-common.sh
+. "$here/scripts/bench-common.sh"
+bench_start profile.sh "linux-perf strace docker-registry curl pigz python3 nix-bin" perf strace docker-registry curl pigz python3 nix-instantiate
 # shellcheck source=scripts/bench-images.sh
 . "$here/scripts/bench-images.sh"
 ref=$(push_image "$image")

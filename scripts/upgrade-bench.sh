@@ -35,16 +35,9 @@ while [ $# -gt 0 ]; do
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
-for tool in docker-registry python3 nix-store nix-instantiate pigz curl /usr/bin/time; do
-    command -v "$tool" >/dev/null || { echo "upgrade-bench.sh needs $tool (apt-get install docker-registry python3 nix-bin pigz curl time)" >&2; exit 2; }
-done
-
-(cd "$here" && cargo build --locked --release --quiet)
-hydrafy=${CARGO_TARGET_DIR:-$here/target}/release/hydrafy
-rm -rf "$work"; mkdir -p "$work"
-# shellcheck source=scripts/registry.sh
-. "$here/scripts/registry.sh"
-start_registry
+# shellcheck source=scripts/bench-common.sh
+. "$here/scripts/bench-common.sh"
+bench_start upgrade-bench.sh "docker-registry python3 nix-bin pigz curl time" docker-registry python3 nix-store nix-instantiate pigz curl /usr/bin/time
 
 push() { # repo [make-nixlike.py args] -> index digest
     local out

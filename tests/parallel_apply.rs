@@ -510,10 +510,12 @@ fn a_layer_run_ahead_waits_before_writing_outside_the_store() {
     assert!(motd.starts_with("file 600"), "{motd}");
 }
 
-#[test]
-fn a_whiteout_run_ahead_of_the_path_it_removes_stops_the_lanes() {
+/// Layer 1 starts with what `first` writes, then a store path of its own
+/// beyond the buffers; layer 0, a store path, is held back until layer 1
+/// is through. What `first` writes must stop the lanes.
+fn assert_run_ahead_stops_the_lanes(first: impl FnOnce(&mut Tar)) {
     let mut late = Tar::new();
-    late.whiteout(&format!("nix/store/{}", store_name(0)));
+    first(&mut late);
     late.file(
         &format!("nix/store/{}", store_name(1)),
         &beyond_the_buffers(),
@@ -528,20 +530,17 @@ fn a_whiteout_run_ahead_of_the_path_it_removes_stops_the_lanes() {
 }
 
 #[test]
+fn a_whiteout_run_ahead_of_the_path_it_removes_stops_the_lanes() {
+    assert_run_ahead_stops_the_lanes(|t| {
+        t.whiteout(&format!("nix/store/{}", store_name(0)));
+    });
+}
+
+#[test]
 fn an_opaque_store_run_ahead_of_an_earlier_layer_stops_the_lanes() {
-    let mut late = Tar::new();
-    late.opaque("nix/store");
-    late.file(
-        &format!("nix/store/{}", store_name(1)),
-        &beyond_the_buffers(),
-        0o444,
-    );
-    let layers = vec![
-        store_layer(0, 2).finish(),
-        late.finish(),
-        customisation_layer(2),
-    ];
-    assert_held_as_in_order(&layers, true, Some(Hold { held: 0, until: 1 }));
+    assert_run_ahead_stops_the_lanes(|t| {
+        t.opaque("nix/store");
+    });
 }
 
 #[test]
