@@ -50,7 +50,6 @@ pub struct FsRoot {
 /// A file's identity: device and inode numbers.
 pub type Id = (u64, u64);
 
-/// The identity of the file `fd` refers to.
 /// Have the kernel start writing `len` bytes of `fd` from `offset` to disk,
 /// and return without waiting for them. A head start only: the flush before
 /// publishing (`syncfs`) still waits for every byte, so a failure here
@@ -71,6 +70,7 @@ pub fn start_writeback(fd: impl AsFd, offset: u64, len: u64) {
     }
 }
 
+/// The identity of the file `fd` refers to.
 pub fn id_of(fd: impl AsFd) -> io::Result<Id> {
     Ok(stat_id(&rustix::fs::fstat(fd)?))
 }

@@ -82,7 +82,7 @@ enum ToHash {
 /// Applied chunks queued for the hasher (1 MiB); it keeps up with inflating.
 const HASH_DEPTH: usize = 4;
 
-/// The most lanes worth running: each is two threads and 4 MiB of buffers.
+/// The most lanes worth running: each is three threads and 5 MiB of buffers.
 const MAX_LANES: usize = 4;
 
 /// How many lanes to apply layers in on this machine.
@@ -518,13 +518,12 @@ fn lane_run<F: EntryFilter>(
         if ok {
             shared.mark_done(pos);
         } else {
-            if let Err(e) = &applied
-                && !matches!(e, Error::Interrupted)
-            {
-                let why = match e {
-                    Error::LanesInterfered { reason } => reason.clone(),
-                    other => crate::error::report(other),
-                };
+            let why = match &applied {
+                Err(Error::LanesInterfered { reason }) => Some(reason.clone()),
+                Ok(()) | Err(Error::Interrupted) => None,
+                Err(other) => Some(crate::error::report(other)),
+            };
+            if let Some(why) = why {
                 shared.reason.lock().expect("lane lock").get_or_insert(why);
             }
             shared.stop(!shared.cancelled());
